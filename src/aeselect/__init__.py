@@ -1,0 +1,1 @@
+"""aeselect: pick the autoencoder for a ControlNet-style latent diffusion model."""

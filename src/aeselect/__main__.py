@@ -1,0 +1,5 @@
+import sys
+
+from aeselect.cli import main
+
+sys.exit(main())

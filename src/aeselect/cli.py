@@ -1,0 +1,74 @@
+"""`aeselect` command line: stage entries for dvc.yaml, config checks, phases and the demo.
+
+Heavy modules (torch, dvclive) are imported inside the commands that need them, so that
+`aeselect phase status` and config errors answer quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from aeselect.config import PARAMS_FILE, ConfigError, load_config
+
+
+def _stage(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from aeselect import stages
+
+        cfg = load_config(args.params)
+        getattr(stages, f"run_{name}")(cfg)
+        return 0
+
+    return run
+
+
+def _check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.params)
+    h, w, c = cfg.latent_shape
+    print(f"{args.params}: valid; latent {h}x{w}x{c}, channels {cfg.model.channel_schedule()}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from aeselect.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aeselect", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [
+        ("prepare", "stage: build the data manifest and the prepared array cache"),
+        ("train", "stage: train the autoencoder, log with dvclive, write checkpoints"),
+        ("evaluate", "stage: evaluate the best checkpoint on the val split"),
+        ("check", "validate params.yaml and print the derived latent shape"),
+    ]:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
+        sub.set_defaults(func=_check if name == "check" else _stage(name))
+
+    demo = commands.add_parser(
+        "demo", help="what `make run` does: the pipeline on the embedded data"
+    )
+    demo.set_defaults(func=_demo)
+
+    from aeselect.phases.cli import add_phase_commands
+
+    add_phase_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"aeselect: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: synthetic scene generation, the prepare stage and the prepared-cache dataset."""

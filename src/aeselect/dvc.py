@@ -1,0 +1,57 @@
+"""DVC, driven through its command line: the one place that spawns `dvc` processes.
+
+The CLI (not `dvc.repo.Repo`) is the interface users type and DVC keeps stable; every call runs
+with analytics off and returns its output or raises with DVC's own message.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+class DvcError(RuntimeError):
+    """A dvc command failed; the message carries the command and DVC's output."""
+
+
+def dvc_executable() -> str:
+    """The `dvc` beside this interpreter (the project venv), else the one on PATH."""
+    beside = Path(sys.executable).with_name("dvc")
+    return str(beside) if beside.exists() else (shutil.which("dvc") or "dvc")
+
+
+def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for dvc: analytics off, and this venv's bin first so stage commands find it."""
+    env = dict(os.environ)
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra or {})
+    return env
+
+
+def run_dvc(
+    args: list[str],
+    cwd: Path | str = ".",
+    *,
+    capture: bool = True,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    command = [dvc_executable(), *args]
+    result = subprocess.run(
+        command,
+        cwd=cwd,
+        env=dvc_env(env),
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.STDOUT if capture else None,
+    )
+    if check and result.returncode != 0:
+        output = (result.stdout or "").strip()
+        raise DvcError(
+            f"`dvc {' '.join(args)}` failed (exit {result.returncode}) in {cwd}:\n{output}"
+        )
+    return result

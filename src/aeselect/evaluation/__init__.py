@@ -1,0 +1,1 @@
+"""Evaluation: the metrics that rank candidate autoencoders (see `metrics`)."""

@@ -1,0 +1,203 @@
+"""A configurable convolutional autoencoder in the style of latent-diffusion's Encoder/Decoder.
+
+Images enter and leave in [0, 1]; the network works on [-1, 1] internally (as SD's VAE does).
+The channel schedule is derived from `model.downsampling_steps` (see ModelConfig.channel_schedule)
+so a phase can change the number of steps alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aeselect.config import ModelConfig
+
+LOGVAR_RANGE = (-30.0, 20.0)  # as diffusers' DiagonalGaussianDistribution
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups, as many as divide `channels`."""
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, with a 1x1 shortcut when the width changes."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = (
+            nn.Identity()
+            if in_channels == out_channels
+            else nn.Conv2d(in_channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.shortcut(x) + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with SD's asymmetric (0, 1, 0, 1) padding."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv (no checkerboard artefacts of transposed convs)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _stage(in_channels: int, out_channels: int, num_blocks: int) -> list[nn.Module]:
+    return [
+        ResBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(num_blocks)
+    ]
+
+
+class Encoder(nn.Module):
+    """stem -> per level: res blocks (+ stride-2 conv except at the last level) -> mid -> latent."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        widths = cfg.channel_schedule()
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        previous = widths[0]
+        for level, width in enumerate(widths):
+            layers += _stage(previous, width, cfg.num_res_blocks)
+            previous = width
+            if level < cfg.downsampling_steps:
+                layers.append(Downsample(width))
+        layers.append(ResBlock(previous, previous))  # mid block
+        self.body = nn.Sequential(*layers)
+        self.norm_out = group_norm(previous)
+        moments = 2 if cfg.variational else 1
+        self.conv_out = nn.Conv2d(previous, moments * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(self.stem(x))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """The encoder mirrored: latent -> mid -> per level: res blocks (+ upsample) -> RGB."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        widths = list(reversed(cfg.channel_schedule()))
+        self.conv_in = nn.Conv2d(cfg.latent_channels, widths[0], 3, padding=1)
+        layers: list[nn.Module] = [ResBlock(widths[0], widths[0])]  # mid block
+        previous = widths[0]
+        for level, width in enumerate(widths):
+            layers += _stage(previous, width, cfg.num_res_blocks)
+            previous = width
+            if level < cfg.downsampling_steps:
+                layers.append(Upsample(width))
+        self.body = nn.Sequential(*layers)
+        self.norm_out = group_norm(previous)
+        self.conv_out = nn.Conv2d(previous, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.body(self.conv_in(z))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AuxHead(nn.Module):
+    """Per-pixel class logits at full resolution, predicted from the latent alone.
+
+    Deliberately small, so the auxiliary loss shapes the latent (it must carry the layout a
+    ControlNet will condition on) instead of the head doing the work.
+    """
+
+    def __init__(self, latent_channels: int, hidden: int, num_classes: int, scale: int):
+        super().__init__()
+        self.scale = scale
+        self.net = nn.Sequential(
+            nn.Conv2d(latent_channels, hidden, 3, padding=1),
+            group_norm(hidden),
+            nn.SiLU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(hidden, num_classes, 1),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        logits = self.net(z)
+        return F.interpolate(logits, scale_factor=float(self.scale), mode="bilinear")
+
+
+@dataclass
+class AutoencoderOutput:
+    reconstruction: torch.Tensor  # (N, 3, H, W), [0, 1] scale (not clamped while training)
+    latent: torch.Tensor  # (N, C, h, w): the sample in training, the mean at evaluation
+    aux_logits: torch.Tensor  # (N, K, H, W)
+    mean: torch.Tensor | None  # variational only
+    logvar: torch.Tensor | None  # variational only
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, aux_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.aux_head = AuxHead(
+            cfg.latent_channels, cfg.aux_hidden_channels, aux_classes, 2**cfg.downsampling_steps
+        )
+
+    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean, logvar) for a variational model, (latent, None) for a deterministic one."""
+        h = self.encoder(images * 2.0 - 1.0)
+        if not self.cfg.variational:
+            return h, None
+        mean, logvar = h.chunk(2, dim=1)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Deterministic latent (the posterior mean for a VAE), as a diffusion model would use."""
+        return self.encode_moments(images)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latents) * 0.5 + 0.5
+
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> AutoencoderOutput:
+        mean, logvar = self.encode_moments(images)
+        latent = mean
+        if logvar is not None and self.training:
+            # torch.randn with an explicit generator keeps sampling on the run's one seed.
+            noise = torch.randn(
+                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+            )
+            latent = mean + torch.exp(0.5 * logvar) * noise
+        return AutoencoderOutput(
+            reconstruction=self.decode(latent),
+            latent=latent,
+            aux_logits=self.aux_head(latent),
+            mean=mean if logvar is not None else None,
+            logvar=logvar,
+        )
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

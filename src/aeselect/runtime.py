@@ -1,0 +1,79 @@
+"""Device, threads, precision and seeding: the hardware choices, made in one place.
+
+CUDA gets bf16 autocast, channels_last and (behind a flag) torch.compile; the CPU runs plain fp32,
+because on CPUs without bf16 units autocast is ~50x slower and channels_last does not pay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from aeselect.config import TrainConfig
+
+# Set by the cluster glue (one GPU and cores/N threads per parallel experiment).
+THREADS_ENV = "AESELECT_NUM_THREADS"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+    compile: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def describe(self) -> str:
+        if self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+            return f"cuda:{self.device.index or 0} ({name}; CUDA_VISIBLE_DEVICES={visible})"
+        return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def select_runtime(cfg: TrainConfig) -> Runtime:
+    """Pick the device (auto = CUDA if present) and the precision/layout options that pay there."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "train.device is 'cuda' but no CUDA device is visible; use train.device=auto"
+        )
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    threads = int(os.environ.get(THREADS_ENV, cfg.num_threads) or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return Runtime(
+            torch.device("cuda", torch.cuda.current_device()),
+            bf16=cfg.bf16 and torch.cuda.is_bf16_supported(),
+            channels_last=cfg.channels_last,
+            compile=cfg.compile,
+        )
+    return Runtime(torch.device("cpu"), bf16=False, channels_last=False, compile=False)
+
+
+def seed_everything(seed: int) -> None:
+    """The run's one seed for init; data order and sampling derive their own streams from it."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """A generator for the randomness of one step, derived from (seed, step).
+
+    Re-deriving per step (instead of carrying one generator's state) makes a run resumed from a
+    checkpoint at step k draw exactly what an uninterrupted run draws.
+    """
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)

@@ -1,0 +1,84 @@
+"""Model shapes for every phase configuration, and the variational/deterministic contract."""
+
+import pytest
+import torch
+
+from aeselect.config import from_dict
+from aeselect.model import Autoencoder
+
+# (image_size, downsampling_steps, latent_channels, base_channels, variational): Phase 1's sweeps
+# at demo scale, plus the 512px shapes of phase 1.2 checked on the encoder arithmetic alone.
+PHASE_CONFIGS = [
+    (64, 3, 4, 32, False),
+    (64, 3, 8, 32, False),
+    (64, 3, 16, 32, False),
+    (64, 3, 8, 16, False),
+    (64, 3, 8, 64, False),
+    (64, 4, 8, 32, False),
+    (64, 5, 8, 32, False),
+    (64, 3, 4, 32, True),
+    (32, 3, 4, 16, True),
+]
+
+
+def build(image_size, steps, latent, base, variational, aux_classes=5, blocks=1):
+    cfg = from_dict(
+        {
+            "data": {"image_size": image_size},
+            "model": {
+                "downsampling_steps": steps,
+                "latent_channels": latent,
+                "base_channels": base,
+                "variational": variational,
+                "num_res_blocks": blocks,
+            },
+        }
+    )
+    return cfg, Autoencoder(cfg.model, aux_classes)
+
+
+@pytest.mark.parametrize(("size", "steps", "latent", "base", "variational"), PHASE_CONFIGS)
+def test_shapes(size, steps, latent, base, variational):
+    cfg, model = build(size, steps, latent, base, variational)
+    images = torch.rand(2, 3, size, size)
+    model.train()
+    out = model(images, generator=torch.Generator().manual_seed(0))
+    h, w, c = cfg.latent_shape
+    assert out.latent.shape == (2, c, h, w)
+    assert out.reconstruction.shape == images.shape
+    assert out.aux_logits.shape == (2, 5, size, size)
+    assert (out.mean is not None) == variational
+    assert model.encode(images).shape == (2, c, h, w)
+    assert model.decode(model.encode(images)).shape == images.shape
+
+
+@pytest.mark.parametrize(("steps", "latent_hw"), [(3, 64), (4, 32), (5, 16)])
+def test_phase_1_2_latents_at_512px(steps, latent_hw):
+    cfg, model = build(512, steps, 4, 8, False, blocks=1)
+    assert cfg.latent_shape == (latent_hw, latent_hw, 4)
+    with torch.no_grad():
+        assert model.encode(torch.rand(1, 3, 512, 512)).shape == (1, 4, latent_hw, latent_hw)
+
+
+def test_variational_samples_in_training_and_uses_the_mean_in_eval():
+    _, model = build(32, 3, 4, 16, True)
+    images = torch.rand(2, 3, 32, 32)
+    model.train()
+    a = model(images, generator=torch.Generator().manual_seed(1)).latent
+    b = model(images, generator=torch.Generator().manual_seed(2)).latent
+    c = model(images, generator=torch.Generator().manual_seed(1)).latent
+    assert not torch.allclose(a, b)
+    assert torch.equal(a, c)
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+        assert torch.equal(out.latent, out.mean)
+        assert torch.equal(out.latent, model.encode(images))
+
+
+def test_more_base_channels_means_more_parameters():
+    counts = [
+        sum(p.numel() for p in build(64, 3, 8, base, False)[1].parameters())
+        for base in (16, 32, 64)
+    ]
+    assert counts[0] < counts[1] < counts[2]
