@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
         sub.set_defaults(func=_check if name == "check" else _stage(name))
 
-    demo = commands.add_parser(
-        "demo", help="what `make run` does: the pipeline on the embedded data"
-    )
+    demo = commands.add_parser("demo", help="what `make run` does: all of Phase 1 on demo data")
+    from aeselect.demo import add_demo_arguments
+
+    add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
 
     from aeselect.phases.cli import add_phase_commands

@@ -1,41 +1,88 @@
-"""`make run`: the pipeline on the embedded synthetic data via `dvc exp run`, then its metrics."""
+"""`make run`: all of Phase 1 on the embedded synthetic data, in a scratch clone of this repository.
+
+Each phase is queued, drained, compared and promoted exactly as a user would do by hand; the
+sweeps (1.1-1.4) train for SWEEP_STEPS steps, the final training (1.5) for what its file says.
+The user's repository is never touched: the clone lives under build/ (ignored by Git).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
-from aeselect.dvc import run_dvc
+import yaml
 
-SHOWN_COLUMNS = [
-    "mse",
-    "psnr",
-    "ssim",
-    "edge_f1",
-    "aux_miou",
-    "latent.shape",
-    "cost.params",
-    "images_per_s",
-    "gates.pass_all",
-]
+from aeselect.phases.cli import wait_for_phase
+from aeselect.phases.experiments import git, queue_phase
+from aeselect.phases.promote import promote, require_decided
+from aeselect.phases.report import compare
+from aeselect.phases.spec import DECISIONS_DIR, all_phases
+
+SCRATCH = Path("build/phase1-demo")
+SWEEP_STEPS = 100
+DEMO_IDENTITY = {
+    "GIT_AUTHOR_NAME": "aeselect demo",
+    "GIT_AUTHOR_EMAIL": "demo@aeselect.invalid",
+    "GIT_COMMITTER_NAME": "aeselect demo",
+    "GIT_COMMITTER_EMAIL": "demo@aeselect.invalid",
+}
+
+
+def make_scratch_clone(source: Path, target: Path) -> Path:
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "clone", "-q", str(source), str(target)], check=True)
+    return target
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    run_dvc(["exp", "run"], capture=False)
-    print(f"\n`dvc exp run` took {time.perf_counter() - start:.0f} s\n")
-    table = run_dvc(
-        [
-            "exp",
-            "show",
-            "--no-pager",
-            "--md",
-            "--only-changed",
-            "-n",
-            "1",
-            "--drop",
-            "Created|.*\\.(tsv|png)$|dvc\\.lock",
-        ]
-    )
-    print(table.stdout)
+    source = Path(args.repo).resolve()
+    if git(source, "status", "--porcelain", "--untracked-files=no").strip():
+        print("note: uncommitted changes are not part of the demo (it runs a clone of HEAD)")
+    for key, value in DEMO_IDENTITY.items():  # commits in the clone need no global Git config
+        os.environ.setdefault(key, value)
+    repo = make_scratch_clone(source, source / args.scratch)
+    print(f"Phase 1 demo in {repo} (a clone of {source})\n")
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    for spec in all_phases(repo / "phases"):
+        phase_start = time.monotonic()
+        print(f"== phase {spec.id}: {spec.title} ==")
+        require_decided(spec, repo)
+        sets_steps = any("train.max_steps" in p for p in spec.experiments.values())
+        extra = {} if sets_steps else {"train.max_steps": args.sweep_steps}
+        queue_phase(repo, spec, extra)
+        wait_for_phase(repo, spec, args.jobs)
+        comparison = compare(repo, spec)
+        decision = promote(repo, spec)
+        timings[spec.id] = time.monotonic() - phase_start
+        print(f"-> {decision['commit_message']}  [{timings[spec.id]:.0f} s]")
+        print(f"   why: {decision['rationale']}")
+        print(f"   report: {comparison.report_dir.relative_to(repo)}/report.md\n")
+
+    final = yaml.safe_load((repo / DECISIONS_DIR / "final.yaml").read_text())
+    total = time.monotonic() - started
+    print("== Phase 1 result (phases/decisions/final.yaml) ==")
+    print(f"latent shape HxWxC at 512px: {final['latent_shape_hwc_at_512']}")
+    size, shape = final["trained_image_size"], final["latent_shape_hwc_trained"]
+    print(f"latent shape at the demo's {size}px: {shape}")
+    for key, check in final["success_criteria"].items():
+        verdict = "met" if check["met"] else "not met"
+        print(f"{key}: {check['value']:.4g} (target {check['target']}: {verdict})")
+    print(f"checkpoint: {final['checkpoint']['get']}")
+    print("phase wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    print(f"total: {total:.0f} s\n")
+    print(git(repo, "log", "--oneline", "-n", str(len(timings) + 1)))
     return 0
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo", default=".", help="repository to clone (default: .)")
+    parser.add_argument("--scratch", default=str(SCRATCH), help="clone location inside the repo")
+    parser.add_argument("-j", "--jobs", type=int, default=2, help="parallel experiments")
+    parser.add_argument("--sweep-steps", type=int, default=SWEEP_STEPS, help="train steps, 1.1-1.4")

@@ -55,3 +55,23 @@ def run_dvc(
             f"`dvc {' '.join(args)}` failed (exit {result.returncode}) in {cwd}:\n{output}"
         )
     return result
+
+
+def start_queue_workers(jobs: int, cwd: Path | str, env: dict[str, str] | None = None) -> None:
+    """`dvc queue start -j N`, its daemonized workers detached from our pipes.
+
+    A worker inherits the stdout of the process that starts it; a captured pipe would keep
+    this call waiting until the whole queue is drained.
+    """
+    log = Path(cwd) / ".dvc" / "tmp" / "aeselect-queue-start.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        result = subprocess.run(
+            [dvc_executable(), "queue", "start", "-j", str(jobs)],
+            cwd=cwd,
+            env=dvc_env(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    if result.returncode != 0:
+        raise DvcError(f"`dvc queue start -j {jobs}` failed (exit {result.returncode}); see {log}")

@@ -1,9 +1,205 @@
-"""`aeselect phase ...` subcommands (filled in by the phases work)."""
+"""`aeselect phase ...`: thin commands over aeselect.phases."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from aeselect.config import apply_overrides, from_dict, parse_assignment
+from aeselect.dvc import run_dvc, start_queue_workers
+from aeselect.phases.experiments import TERMINAL, dirty_paths, queue_phase, queue_states
+from aeselect.phases.spec import PhaseError, PhaseSpec, all_phases, load_phase
+
+POLL_SECONDS = 2.0
+
+
+def _repo(args: argparse.Namespace) -> Path:
+    return Path(args.repo).resolve()
+
+
+def _spec(args: argparse.Namespace) -> PhaseSpec:
+    return load_phase(args.phase, _repo(args) / "phases")
+
+
+def parse_sets(assignments: list[str]) -> dict:
+    extra = dict(parse_assignment(a) for a in assignments)
+    from_dict(apply_overrides({}, extra))  # unknown keys and bad values fail here, named
+    return extra
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from aeselect.phases.promote import require_decided
+
+    repo, spec = _repo(args), _spec(args)
+    require_decided(spec, repo)
+    if not args.dry_run and not args.allow_dirty:
+        dirty = dirty_paths(repo)
+        if dirty:
+            raise PhaseError(
+                "uncommitted changes that queued experiments would silently snapshot (or drop, if "
+                f"untracked): {', '.join(dirty)}. Commit them, or pass --allow-dirty"
+            )
+    queue_phase(repo, spec, parse_sets(args.set), dry_run=args.dry_run)
+    return 0
+
+
+def wait_for_phase(repo: Path, spec: PhaseSpec, jobs: int, *, echo=print) -> dict[str, str]:
+    """Drain the queue until every experiment of the phase is Success or Failed.
+
+    A task still Queued while no worker runs (DVC once lost one at a worker's idle shutdown)
+    gets workers started again; a Stuck task (its worker was killed) is reported, not waited on.
+    """
+    names = list(spec.names())
+    env = {"AESELECT_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    start_queue_workers(jobs, repo, env)
+    seen: dict[str, str] = {}
+    start = time.monotonic()
+    while True:
+        states = queue_states(repo)
+        current = {n: states[n].status if n in states else "Missing" for n in names}
+        for name, status in current.items():
+            if seen.get(name) != status:
+                echo(f"[{time.monotonic() - start:6.0f}s] {name}: {status.lower()}")
+        seen = current
+        pending = [n for n, s in current.items() if s not in (*TERMINAL, "Stuck", "Missing")]
+        if not pending:
+            return current
+        if all(current[n] == "Queued" for n in pending) and not _workers_alive(repo):
+            start_queue_workers(jobs, repo, env)
+        time.sleep(POLL_SECONDS)
+
+
+def _workers_alive(repo: Path) -> bool:
+    out = run_dvc(["queue", "status"], cwd=repo).stdout
+    line = next((ln for ln in out.splitlines() if ln.startswith("Worker status")), "")
+    return not line.startswith("Worker status: 0 active")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    repo, spec = _repo(args), _spec(args)
+    cmd_queue(args)
+    states = wait_for_phase(repo, spec, args.jobs)
+    failed = {n: s for n, s in states.items() if s != "Success"}
+    for name, status in failed.items():
+        print(f"{name}: {status.lower()}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    repo = _repo(args)
+    if args.phase is None:
+        return cmd_show(args)
+    spec = _spec(args)
+    states = queue_states(repo)
+    bad = 0
+    for name in spec.names():
+        state = states.get(name)
+        status = state.status if state else "Missing"
+        line = f"{name:28s} {status.lower()}"
+        if status in ("Failed", "Stuck"):
+            bad += 1
+            log = state.log_path(repo)
+            line += f"  log: {log.relative_to(repo) if log else '(none)'}"
+            if status == "Stuck":
+                line += "  (its worker is gone: `dvc queue kill`/`remove` it and queue again)"
+        print(line)
+    return 1 if bad else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from aeselect.phases.report import compare, display_columns
+
+    repo, spec = _repo(args), _spec(args)
+    result = compare(repo, spec)
+    table = result.ranking.table if result.ranking else result.results
+    print(table[display_columns(spec, table)].to_string(index=False))
+    if result.ranking:
+        print(f"\nwinner by the rule: {result.ranking.winner}\nwhy: {result.ranking.reason}")
+    print(f"\nreport: {(result.report_dir / 'report.md').relative_to(repo)}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from aeselect.phases.promote import promote
+
+    decision = promote(_repo(args), _spec(args), pick=args.pick, why=args.why)
+    print(f"{decision['commit']} {decision['commit_message']}\nwhy: {decision['rationale']}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from aeselect.phases.promote import read_decision
+
+    repo = _repo(args)
+    next_phase = None
+    for spec in all_phases(repo / "phases"):
+        decision = read_decision(spec.id, repo)
+        if decision:
+            chosen = ", ".join(f"{k}={v}" for k, v in decision["selected"].items())
+            print(f"{spec.id} {spec.title:22s} decided: {decision['winner']} ({chosen})")
+        else:
+            print(f"{spec.id} {spec.title:22s} open")
+            next_phase = next_phase or spec.id
+    print(
+        f"next: aeselect phase run {next_phase}"
+        if next_phase
+        else "Phase 1 is complete: see phases/decisions/final.yaml"
+    )
+    return 0
 
 
 def add_phase_commands(commands: argparse._SubParsersAction) -> None:
-    commands.add_parser("phase", help="Phase 1 sweeps: queue, run, status, compare, promote, show")
+    phase = commands.add_parser(
+        "phase", help="Phase 1 sweeps: queue, run, status, compare, promote"
+    )
+    sub = phase.add_subparsers(dest="phase_command", required=True)
+
+    def add(
+        name: str, func, help_text: str, phase_arg: str = "required"
+    ) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=help_text)
+        if phase_arg == "required":
+            parser.add_argument("phase", help="phase id, e.g. 1.1")
+        elif phase_arg == "optional":
+            parser.add_argument("phase", nargs="?", help="phase id; omit for all of Phase 1")
+        parser.add_argument("--repo", default=".", help="project repository (default: .)")
+        parser.set_defaults(func=lambda a: _guard(func, a))
+        return parser
+
+    for name, func, text in [
+        ("queue", cmd_queue, "queue the phase's experiments (`dvc exp run --queue`)"),
+        ("run", cmd_run, "queue if needed, then drain the queue locally and wait"),
+    ]:
+        parser = add(name, func, text)
+        parser.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="param applied to every experiment of the phase (repeatable)",
+        )
+        parser.add_argument("--dry-run", action="store_true", help="print the dvc commands only")
+        parser.add_argument(
+            "--allow-dirty",
+            action="store_true",
+            help="queue even with uncommitted params/code changes",
+        )
+        if name == "run":
+            parser.add_argument("-j", "--jobs", type=int, default=1, help="parallel experiments")
+    add("status", cmd_status, "each experiment: queued/running/success/failed/stuck", "optional")
+    add("compare", cmd_compare, "rank the phase's experiments; write phases/reports/<id>/")
+    promote = add("promote", cmd_promote, "commit the winner's selected params and the decision")
+    promote.add_argument("--pick", help="promote this experiment instead of the rule's winner")
+    promote.add_argument("--why", help="reason for --pick, recorded in the decision")
+    add("show", cmd_show, "where Phase 1 stands and what to run next", "none")
+
+
+def _guard(func, args: argparse.Namespace) -> int:
+    try:
+        return func(args)
+    except PhaseError as err:
+        print(f"aeselect phase: {err}", file=sys.stderr)
+        return 2

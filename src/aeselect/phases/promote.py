@@ -1,0 +1,227 @@
+"""Promotion: the winner's selected keys into params.yaml, the decision into phases/decisions/,
+both in one Git commit that touches nothing else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from ruamel.yaml import YAML
+
+from aeselect.config import PARAMS_FILE, apply_overrides, from_dict, read_yaml
+from aeselect.phases.decide import Ranking, column, rank
+from aeselect.phases.experiments import collect_results, dirty_paths, git
+from aeselect.phases.spec import DECISIONS_DIR, PhaseError, PhaseSpec
+
+# Columns every decision file and report shows, beside the rule's own.
+HEADLINE = [
+    "mse",
+    "psnr",
+    "ssim",
+    "edge_f1",
+    "hf_psnr",
+    "kld",
+    "aux_pixel_acc",
+    "aux_miou",
+    "latent.shape",
+    "cost.params",
+    "images_per_s",
+    "train_time_s",
+    "gates.pass_all",
+]
+SEED_CRITERIA = {"mse": ("<", 0.01), "psnr": (">", 30.0)}
+
+
+def decision_path(phase_id: str, repo: Path) -> Path:
+    return repo / DECISIONS_DIR / f"{phase_id}.yaml"
+
+
+def read_decision(phase_id: str, repo: Path) -> dict[str, Any] | None:
+    path = decision_path(phase_id, repo)
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def require_decided(spec: PhaseSpec, repo: Path) -> None:
+    if spec.requires and read_decision(spec.requires, repo) is None:
+        raise PhaseError(
+            f"phase {spec.id} requires phase {spec.requires}'s decision, and "
+            f"{DECISIONS_DIR}/{spec.requires}.yaml does not exist: run and promote "
+            f"{spec.requires} first (`aeselect phase run {spec.requires}`, then "
+            f"`aeselect phase promote {spec.requires}`)"
+        )
+
+
+def set_params(text: str, values: dict[str, Any]) -> str:
+    """params.yaml text with `values` (dotted keys) set, comments and layout kept.
+
+    ruamel's round trip is what `dvc exp run -S` edits params with; unchanged lines stay byte-equal.
+    """
+    yaml_rt = YAML()
+    yaml_rt.preserve_quotes = True
+    yaml_rt.width = 4096
+    document = yaml_rt.load(text)
+    for dotted, value in values.items():
+        node = document
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    out = io.StringIO()
+    yaml_rt.dump(document, out)
+    return out.getvalue()
+
+
+def _plain(value: Any) -> Any:
+    """YAML-friendly scalars (numpy/pandas types and NaN out)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _summary(row: pd.Series, spec: PhaseSpec) -> dict[str, Any]:
+    keys = [column(c) for c in (spec.decide.primary, *spec.decide.tie_breakers)] + HEADLINE
+    return {k: _plain(row[k]) for k in dict.fromkeys(keys) if k in row.index}
+
+
+def promote(
+    repo: Path, spec: PhaseSpec, *, pick: str | None = None, why: str | None = None
+) -> dict[str, Any]:
+    """Write the decision and commit it; refuses rather than guess or lose work."""
+    if dirty_paths(repo, (PARAMS_FILE,)):
+        raise PhaseError(
+            f"{PARAMS_FILE} has uncommitted changes; commit or stash them first "
+            "(promotion writes params.yaml and must not mix your edits into its commit)"
+        )
+    if decision_path(spec.id, repo).exists():
+        raise PhaseError(
+            f"phase {spec.id} is already decided ({DECISIONS_DIR}/{spec.id}.yaml); "
+            "`git revert` that commit to decide again"
+        )
+    results = collect_results(repo, spec)
+    names = spec.names()
+    states = dict(zip(results.get("experiment", []), results.get("state", []), strict=True))
+    unfinished = {n: states.get(n, "Missing") for n in names if states.get(n) != "Success"}
+    if unfinished and pick is None:
+        listing = ", ".join(f"{n} ({s.lower()})" for n, s in unfinished.items())
+        raise PhaseError(
+            f"phase {spec.id}: not every experiment succeeded: {listing}. Re-run them "
+            f"(`aeselect phase run {spec.id}`), or choose with --pick NAME --why '...'"
+        )
+    ranking: Ranking = rank(results, spec.decide)
+    winner = ranking.winner
+    override = None
+    if pick is not None:
+        if pick not in names:
+            raise PhaseError(
+                f"--pick {pick}: not an experiment of phase {spec.id} ({', '.join(names)})"
+            )
+        if states.get(pick) != "Success":
+            raise PhaseError(f"--pick {pick}: it did not succeed ({states.get(pick, 'missing')})")
+        if not why:
+            raise PhaseError("--pick needs --why '...': the decision file records the reason")
+        override = {"picked": pick, "rule_winner": winner, "why": why}
+        winner = pick
+    row = ranking.table.set_index("experiment").loc[winner]
+    selected = {key: spec.experiments[names[winner]][key] for key in spec.selects}
+
+    params_file = repo / PARAMS_FILE
+    new_text = set_params(params_file.read_text(), selected)
+    from_dict(yaml.safe_load(new_text))  # the promoted file must itself be valid
+    params_file.write_text(new_text)
+
+    primary = column(spec.decide.primary)
+    decision = {
+        "phase": spec.id,
+        "title": spec.title,
+        "decided": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "winner": winner,
+        "experiment_rev": _plain(row["rev"]),
+        "baseline_commit": _plain(row["baseline"]),
+        "selected": selected,
+        "override": override,
+        "rule": {
+            "metric": primary,
+            "direction": spec.decide.primary.direction,
+            "tolerance": spec.decide.tolerance,
+            "tie_breakers": [c.describe() for c in spec.decide.tie_breakers],
+        },
+        "rationale": (f"picked by hand: {why}; the rule's order was: " if override else "")
+        + ranking.reason,
+        "metrics": _summary(row, spec),
+        "candidates": [
+            {
+                "experiment": r["experiment"],
+                "rank": int(r["rank"]),
+                "within_tolerance": bool(r["tied"]),
+                "params": {k: _plain(r.get(f"params.{k}")) for k in spec.selects},
+            }
+            | _summary(r, spec)
+            for _, r in ranking.table.iterrows()
+        ]
+        + [{"experiment": n, "state": s} for n, s in unfinished.items()],
+    }
+    path = decision_path(spec.id, repo)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(decision, sort_keys=False, width=100))
+    committed = [PARAMS_FILE, str(path.relative_to(repo))]
+    if spec.id == last_phase_id(repo):
+        final = final_summary(repo, decision, row)
+        final_path = repo / DECISIONS_DIR / "final.yaml"
+        final_path.write_text(yaml.safe_dump(final, sort_keys=False, width=100))
+        committed.append(str(final_path.relative_to(repo)))
+    settings = " ".join(f"{k.split('.')[-1]}={v}" for k, v in selected.items())
+    message = f"phase {spec.id}: {settings or winner} ({primary} {row[primary]:.4g})"
+    git(repo, "add", "--", *committed)
+    git(repo, "commit", "-q", "-m", message, "--", *committed)
+    decision["commit"] = git(repo, "rev-parse", "--short", "HEAD").strip()
+    decision["commit_message"] = message
+    return decision
+
+
+def last_phase_id(repo: Path) -> str:
+    from aeselect.phases.spec import all_phases
+
+    return all_phases(repo / "phases")[-1].id
+
+
+def final_summary(repo: Path, decision: dict[str, Any], row: pd.Series) -> dict[str, Any]:
+    """What Phase 2 needs: architecture, checkpoint and how to get it, latent shape, metrics."""
+    params = read_yaml(repo / PARAMS_FILE)
+    cfg = from_dict(params)
+    at_512 = from_dict(apply_overrides(params, {"data.image_size": 512}))
+    rev = decision["experiment_rev"]
+    metrics = decision["metrics"]
+    return {
+        "phase": "1",
+        "decided": decision["decided"],
+        "architecture": cfg.to_dict()["model"] | {"channel_schedule": cfg.model.channel_schedule()},
+        "losses": cfg.to_dict()["loss"],
+        "latent_shape_hwc_at_512": "x".join(map(str, at_512.latent_shape)),
+        "latent_shape_hwc_trained": "x".join(map(str, cfg.latent_shape)),
+        "trained_image_size": cfg.data.image_size,
+        "checkpoint": {
+            "experiment": decision["winner"],
+            "rev": rev,
+            "path": "models/best.pt",
+            "get": f"dvc get . models/best.pt --rev {rev} -o autoencoder.pt",
+            "python": f"aeselect.load_autoencoder(rev='{rev}')",
+        },
+        "metrics": metrics,
+        "success_criteria": {
+            key: {
+                "target": f"{op} {bound}",
+                "value": metrics.get(key),
+                "met": metrics.get(key) is not None
+                and (metrics[key] < bound if op == "<" else metrics[key] > bound),
+            }
+            for key, (op, bound) in SEED_CRITERIA.items()
+        },
+    }

@@ -1,0 +1,168 @@
+"""Phase files (`phases/phase1_*.yaml`) as validated data: what a sweep runs and how it decides.
+
+A user changes a sweep by editing these files, never code; every mistake is reported with the
+file and the key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aeselect.config import ConfigError, apply_overrides, from_dict, valid_keys
+
+PHASES_DIR = Path("phases")
+DECISIONS_DIR = PHASES_DIR / "decisions"
+REPORTS_DIR = PHASES_DIR / "reports"
+# Experiment keys become part of DVC experiment names, i.e. Git ref names: keep them plain.
+EXPERIMENT_KEY = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
+PHASE_ID = re.compile(r"^\d+\.\d+$")
+
+
+class PhaseError(ValueError):
+    """A phase file or phase command that cannot be used; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One ordering key: a metric from the evaluate/train summaries, or a param."""
+
+    key: str
+    direction: str  # "min" or "max"
+    source: str = "metric"  # "metric" or "param"
+
+    def describe(self) -> str:
+        better = "lower" if self.direction == "min" else "higher"
+        return f"{self.key} ({better} is better)"
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    primary: Criterion
+    tolerance: float
+    tie_breakers: tuple[Criterion, ...]
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    id: str
+    title: str
+    requires: str | None
+    selects: tuple[str, ...]
+    experiments: dict[str, dict[str, Any]]
+    decide: DecisionRule
+    path: Path = field(compare=False)
+
+    @property
+    def slug(self) -> str:
+        return "p" + self.id.replace(".", "-")
+
+    def experiment_name(self, key: str) -> str:
+        """The DVC experiment name, e.g. `p1-1-lc8-bc16`: unique per phase, a valid Git ref."""
+        return f"{self.slug}-{key}"
+
+    def names(self) -> dict[str, str]:
+        return {self.experiment_name(key): key for key in self.experiments}
+
+
+def phase_path(phase_id: str, phases_dir: Path = PHASES_DIR) -> Path:
+    if not PHASE_ID.match(phase_id):
+        raise PhaseError(f"phase id {phase_id!r}: expected a number like 1.1")
+    return phases_dir / f"phase{phase_id.replace('.', '_')}.yaml"
+
+
+def _criterion(raw: Any, where: str) -> Criterion:
+    if not isinstance(raw, dict):
+        raise PhaseError(f"{where}: expected a mapping like {{metric: mse, direction: min}}")
+    unknown = set(raw) - {"metric", "param", "direction"}
+    if unknown or len({"metric", "param"} & set(raw)) != 1:
+        raise PhaseError(f"{where}: give exactly one of `metric:` or `param:`, plus `direction:`")
+    direction = raw.get("direction")
+    if direction not in ("min", "max"):
+        raise PhaseError(f"{where}.direction: must be min or max, got {direction!r}")
+    source = "metric" if "metric" in raw else "param"
+    key = str(raw[source])
+    if source == "param" and key not in valid_keys():
+        raise PhaseError(f"{where}.param: {key!r} is not a params.yaml key")
+    return Criterion(key, direction, source)
+
+
+def load_phase(phase_id: str, phases_dir: Path = PHASES_DIR) -> PhaseSpec:
+    path = phase_path(phase_id, phases_dir)
+    if not path.exists():
+        known = sorted(p.stem for p in phases_dir.glob("phase*.yaml"))
+        raise PhaseError(f"{path}: no such phase file (phase files here: {', '.join(known)})")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise PhaseError(f"{path}: expected a mapping with id, title, selects, experiments, decide")
+    expected = {"id", "title", "requires", "selects", "experiments", "decide"}
+    for key in raw.keys() - expected:
+        raise PhaseError(f"{path}: unknown key {key!r}; expected {sorted(expected)}")
+    for key in expected - raw.keys():
+        raise PhaseError(f"{path}: missing key {key!r}")
+    if str(raw["id"]) != phase_id:
+        raise PhaseError(f"{path}: id is {raw['id']!r} but the file name says {phase_id}")
+
+    keys = valid_keys()
+    selects = tuple(raw["selects"] or ())
+    for key in selects:
+        if key not in keys:
+            raise PhaseError(f"{path}: selects {key!r}, which is not a params.yaml key")
+    experiments = raw["experiments"]
+    if not isinstance(experiments, dict) or not experiments:
+        raise PhaseError(f"{path}: experiments must be a non-empty mapping of name -> params")
+    for name, params in experiments.items():
+        where = f"{path}: experiments.{name}"
+        if not EXPERIMENT_KEY.match(str(name)):
+            raise PhaseError(f"{where}: names use a-z, 0-9 and '-' (they become Git ref names)")
+        if not isinstance(params, dict):
+            raise PhaseError(f"{where}: expected a mapping of params.yaml keys to values")
+        for key in params:
+            if key not in keys:
+                raise PhaseError(f"{where}: {key!r} is not a params.yaml key")
+        for key in selects:
+            if key not in params:
+                raise PhaseError(f"{where}: does not set {key!r}, which this phase selects")
+        try:
+            from_dict(apply_overrides({}, params))
+        except ConfigError as err:
+            raise PhaseError(f"{where}: {err}") from None
+
+    decide = raw["decide"] or {}
+    tolerance = float(decide.get("tolerance", 0.0))
+    if not 0 <= tolerance < 1:
+        raise PhaseError(f"{path}: decide.tolerance must be in [0, 1), got {tolerance}")
+    rule = DecisionRule(
+        primary=_criterion(
+            {"metric": decide.get("metric"), "direction": decide.get("direction")},
+            f"{path}: decide",
+        ),
+        tolerance=tolerance,
+        tie_breakers=tuple(
+            _criterion(item, f"{path}: decide.tie_breakers[{i}]")
+            for i, item in enumerate(decide.get("tie_breakers") or [])
+        ),
+    )
+    requires = raw["requires"]
+    return PhaseSpec(
+        id=phase_id,
+        title=str(raw["title"]),
+        requires=None if requires is None else str(requires),
+        selects=selects,
+        experiments={str(k): dict(v) for k, v in experiments.items()},
+        decide=rule,
+        path=path,
+    )
+
+
+def all_phases(phases_dir: Path = PHASES_DIR) -> list[PhaseSpec]:
+    """Every phase file, in id order."""
+    ids = sorted(
+        (p.stem.removeprefix("phase").replace("_", ".") for p in phases_dir.glob("phase*.yaml")),
+        key=lambda i: tuple(int(x) for x in i.split(".")),
+    )
+    return [load_phase(i, phases_dir) for i in ids]
