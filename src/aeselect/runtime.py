@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from aeselect.cluster.gpu import claim_gpu
 from aeselect.config import TrainConfig
 
 # Set by the cluster glue (one GPU and cores/N threads per parallel experiment).
@@ -26,6 +27,7 @@ class Runtime:
     bf16: bool
     channels_last: bool
     compile: bool
+    gpu: str | None = None  # the id claimed from CUDA_VISIBLE_DEVICES (aeselect.cluster.gpu)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.bf16:
@@ -37,7 +39,8 @@ class Runtime:
             name = torch.cuda.get_device_name(self.device)
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
             return f"cuda:{self.device.index or 0} ({name}; CUDA_VISIBLE_DEVICES={visible})"
-        return f"cpu ({torch.get_num_threads()} threads)"
+        claimed = f"; claimed GPU id {self.gpu}" if self.gpu is not None else ""
+        return f"cpu ({torch.get_num_threads()} threads{claimed})"
 
 
 def select_runtime(cfg: TrainConfig) -> Runtime:
@@ -46,6 +49,7 @@ def select_runtime(cfg: TrainConfig) -> Runtime:
         raise RuntimeError(
             "train.device is 'cuda' but no CUDA device is visible; use train.device=auto"
         )
+    gpu = claim_gpu() if cfg.device != "cpu" else None  # before CUDA initialises
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     threads = int(os.environ.get(THREADS_ENV, cfg.num_threads) or 0)
     if threads > 0:
@@ -59,8 +63,9 @@ def select_runtime(cfg: TrainConfig) -> Runtime:
             bf16=cfg.bf16 and torch.cuda.is_bf16_supported(),
             channels_last=cfg.channels_last,
             compile=cfg.compile,
+            gpu=gpu,
         )
-    return Runtime(torch.device("cpu"), bf16=False, channels_last=False, compile=False)
+    return Runtime(torch.device("cpu"), bf16=False, channels_last=False, compile=False, gpu=gpu)
 
 
 def seed_everything(seed: int) -> None:

@@ -12,11 +12,11 @@ from pathlib import Path
 from aeselect.config import Config
 
 
-def open_live(directory: Path):
+def open_live(directory: Path, resume: bool = False):
     """dvclive as a stage output: no dvc.yaml rewriting, no experiment saving of its own."""
     from dvclive import Live
 
-    return Live(str(directory), dvcyaml=None, save_dvc_exp=False, report=None)
+    return Live(str(directory), dvcyaml=None, save_dvc_exp=False, report=None, resume=resume)
 
 
 def run_prepare(cfg: Config) -> None:
@@ -29,22 +29,33 @@ def run_prepare(cfg: Config) -> None:
 
 def run_train(cfg: Config) -> None:
     from aeselect.data.dataset import PREPARED_DIR, PreparedData
+    from aeselect.training import resume
     from aeselect.training.checkpoint import MODELS_DIR
     from aeselect.training.loop import TRAIN_LIVE_DIR, train
 
     data = PreparedData.load(PREPARED_DIR)
-    with open_live(TRAIN_LIVE_DIR) as live:
-        result = train(cfg, data, MODELS_DIR, live)
+    snapshot = resume.snapshot_dir(cfg, PREPARED_DIR)
+    state = resume.restore_snapshot(snapshot, [MODELS_DIR, TRAIN_LIVE_DIR])
+    try:
+        with open_live(TRAIN_LIVE_DIR, resume=state is not None) as live:
+            result = train(cfg, data, MODELS_DIR, live, resume_state=state, snapshot=snapshot)
+    except resume.Preempted as stopped:
+        print(f"[train] {stopped}", file=sys.stderr)
+        sys.exit(resume.PREEMPTED_EXIT_CODE)
+    resume.discard_snapshot(snapshot)
     print(f"[train] {json.dumps(result.__dict__)}", file=sys.stderr)
 
 
 def run_evaluate(cfg: Config) -> None:
     from aeselect.data.dataset import PREPARED_DIR, PreparedData
     from aeselect.evaluation.evaluate import EVALUATE_LIVE_DIR, evaluate
-    from aeselect.training.checkpoint import MODELS_DIR
+    from aeselect.handoff import EXPORT_PATH, export_autoencoder
+    from aeselect.training.checkpoint import BEST, MODELS_DIR
 
     data = PreparedData.load(PREPARED_DIR)
     with open_live(EVALUATE_LIVE_DIR) as live:
         summary = evaluate(cfg, data, MODELS_DIR, live)
+    # The Phase 2 artifact: weights with the scale factor measured on these same val latents.
+    export_autoencoder(MODELS_DIR / BEST, summary["latent"]["scale_factor"], EXPORT_PATH)
     headline = {key: summary[key] for key in ("mse", "psnr", "ssim", "edge_f1")}
     print(f"[evaluate] latent {summary['latent']['shape']} {json.dumps(headline)}", file=sys.stderr)

@@ -14,6 +14,7 @@ from aeselect.phases.experiments import TERMINAL, dirty_paths, queue_phase, queu
 from aeselect.phases.spec import PhaseError, PhaseSpec, all_phases, load_phase
 
 POLL_SECONDS = 2.0
+STUCK_GRACE_SECONDS = 30.0
 
 
 def _repo(args: argparse.Namespace) -> Path:
@@ -56,10 +57,19 @@ def wait_for_phase(repo: Path, spec: PhaseSpec, jobs: int, *, echo=print) -> dic
     env = {"AESELECT_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
     start_queue_workers(jobs, repo, env)
     seen: dict[str, str] = {}
+    stuck_since: dict[str, float] = {}
     start = time.monotonic()
     while True:
         states = queue_states(repo)
         current = {n: states[n].status if n in states else "Missing" for n in names}
+        now = time.monotonic()
+        for name, status in current.items():
+            # A finished task is "Running" with its process gone until DVC collects it: only a
+            # task stuck that way for STUCK_GRACE_SECONDS was really killed.
+            if status != "Stuck":
+                stuck_since.pop(name, None)
+            elif now - stuck_since.setdefault(name, now) < STUCK_GRACE_SECONDS:
+                current[name] = "Running"
         for name, status in current.items():
             if seen.get(name) != status:
                 echo(f"[{time.monotonic() - start:6.0f}s] {name}: {status.lower()}")
@@ -151,6 +161,20 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    from aeselect.cluster.drain import drain
+
+    return drain(_repo(args), _spec(args), args.jobs)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from aeselect.cluster.slurm import submit
+
+    if not args.dry_run:
+        cmd_queue(args)
+    return submit(_repo(args), _spec(args), args.cluster, dry_run=args.dry_run)
+
+
 def add_phase_commands(commands: argparse._SubParsersAction) -> None:
     phase = commands.add_parser(
         "phase", help="Phase 1 sweeps: queue, run, status, compare, promote"
@@ -195,6 +219,24 @@ def add_phase_commands(commands: argparse._SubParsersAction) -> None:
     promote.add_argument("--pick", help="promote this experiment instead of the rule's winner")
     promote.add_argument("--why", help="reason for --pick, recorded in the decision")
     add("show", cmd_show, "where Phase 1 stands and what to run next", "none")
+
+    drain = add("drain", cmd_drain, "inside a SLURM allocation: run the queued experiments")
+    drain.add_argument("-j", "--jobs", type=int, default=1, help="parallel experiments (GPUs)")
+    submit = add("submit", cmd_submit, "queue the phase and sbatch its drainer on a cluster")
+    submit.add_argument("--cluster", required=True, help="profile name in hpc/clusters.yaml")
+    submit.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="param applied to every experiment of the phase (repeatable)",
+    )
+    submit.add_argument(
+        "--dry-run", action="store_true", help="print the sbatch command and script"
+    )
+    submit.add_argument(
+        "--allow-dirty", action="store_true", help="queue even with uncommitted params/code changes"
+    )
 
 
 def _guard(func, args: argparse.Namespace) -> int:

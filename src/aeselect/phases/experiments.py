@@ -24,6 +24,7 @@ from aeselect.dvc import DvcError, run_dvc
 from aeselect.phases.spec import PhaseError, PhaseSpec
 
 RUN_DIR = Path(".dvc/tmp/exps/run")
+DRAIN_DIR = Path(".dvc/tmp/aeselect-drain")  # the drainer's claims (aeselect.cluster.drain)
 METRICS_FILES = ("results/evaluate/metrics.json", "results/train/metrics.json")
 # Paths whose uncommitted edits a queued experiment would silently snapshot.
 SNAPSHOT_PATHS = ("params.yaml", "dvc.yaml", "src")
@@ -36,8 +37,11 @@ class TaskState:
     name: str
     task: str  # DVC's short task id
     status: str  # Queued | Running | Success | Failed | Stuck | Missing
+    log: str = ""  # set for drained tasks; DVC's queue keeps its logs by task id
 
     def log_path(self, repo: Path) -> Path | None:
+        if self.log:
+            return repo / self.log
         matches = sorted((repo / RUN_DIR).glob(f"{self.task}*/{self.task}*.out"))
         return matches[0] if matches else None
 
@@ -74,9 +78,16 @@ def experiment_params(spec: PhaseSpec, key: str, extra: dict[str, Any]) -> dict[
 
 
 def queue_states(repo: Path) -> dict[str, TaskState]:
-    """Name -> state from `dvc queue status`, Running tasks whose process is gone marked Stuck."""
+    """Name -> state from `dvc queue status`, Running tasks whose process is gone marked Stuck,
+    then the drainer's claims (aeselect.cluster.drain), which own a task once it left the queue."""
     out = run_dvc(["queue", "status"], cwd=repo).stdout
     states: dict[str, TaskState] = {}
+    for info in sorted((repo / DRAIN_DIR).glob("*.json")):
+        claim = json.loads(info.read_text())
+        status = {"claimed": "Queued", "interrupted": "Queued"}.get(claim["status"])
+        states[claim["name"]] = TaskState(
+            claim["name"], "", status or claim["status"].capitalize(), claim["log"]
+        )
     for line in out.splitlines()[1:]:
         fields = line.split()
         if len(fields) < 3 or line.startswith("Worker status"):
@@ -84,7 +95,7 @@ def queue_states(repo: Path) -> dict[str, TaskState]:
         task, name, status = fields[0], fields[1], fields[-1]
         if status == "Running" and not _task_alive(repo, task):
             status = "Stuck"
-        states[name] = TaskState(name, task, status)
+        states.setdefault(name, TaskState(name, task, status))
     return states
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -24,11 +24,13 @@ def save_checkpoint(path: Path, **payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no checkpoint there; run the train stage first")
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(source: str | Path | BinaryIO) -> dict[str, Any]:
+    """A path, or an open binary file (how `dvc.api.open` serves another Git revision)."""
+    if isinstance(source, str | Path):
+        source = Path(source)
+        if not source.exists():
+            raise FileNotFoundError(f"{source}: no checkpoint there; run the train stage first")
+    return torch.load(source, map_location="cpu", weights_only=True)
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> tuple[Autoencoder, Config]:

@@ -24,6 +24,7 @@ from aeselect.model import Autoencoder
 from aeselect.runtime import Runtime, seed_everything, select_runtime, step_generator
 from aeselect.training.checkpoint import BEST, LAST, save_checkpoint
 from aeselect.training.loss import compute_loss
+from aeselect.training.resume import Preempted, StopRequest, save_snapshot
 
 TRAIN_LIVE_DIR = Path("results/train")
 
@@ -104,7 +105,17 @@ def _raise_if_nonfinite(window: list[dict[str, torch.Tensor]], first_step: int) 
         )
 
 
-def train(cfg: Config, data: PreparedData, models_dir: Path, live: Live) -> TrainResult:
+def train(
+    cfg: Config,
+    data: PreparedData,
+    models_dir: Path,
+    live: Live,
+    *,
+    resume_state: dict | None = None,
+    snapshot: Path | None = None,
+) -> TrainResult:
+    """Train from scratch, or from `resume_state`; with `snapshot` set, SIGUSR1/SIGTERM stop the
+    run at the next log boundary with a resume snapshot there (raises Preempted)."""
     runtime = select_runtime(cfg.train)
     seed_everything(cfg.seed)
     print(f"[train] device {runtime.describe()}, bf16={runtime.bf16}", file=sys.stderr)
@@ -121,7 +132,20 @@ def train(cfg: Config, data: PreparedData, models_dir: Path, live: Live) -> Trai
         fused=runtime.device.type == "cuda",
     )
 
+    best_val_mse, best_step = float("inf"), -1
+    loss_history: list[float] = []
+    val_history: list[float] = []
+    train_seconds = 0.0
     start_step = 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        start_step = resume_state["step"]
+        best_val_mse, best_step = resume_state["best_val_mse"], resume_state["best_step"]
+        loss_history, val_history = resume_state["loss_history"], resume_state["val_history"]
+        train_seconds = resume_state["train_seconds"]
+        print(f"[train] resumed at step {start_step} from {snapshot}", file=sys.stderr)
+    stop = StopRequest() if snapshot is not None else None
     sampler = StepBatchSampler(
         len(data.dataset("train")), cfg.train.batch_size, cfg.seed, start_step, cfg.train.max_steps
     )
@@ -132,11 +156,7 @@ def train(cfg: Config, data: PreparedData, models_dir: Path, live: Live) -> Trai
         pin_memory=runtime.device.type == "cuda",
     )
 
-    best_val_mse, best_step = float("inf"), -1
     window: list[dict[str, torch.Tensor]] = []
-    loss_history: list[float] = []
-    val_history: list[float] = []
-    train_seconds = 0.0
     progress = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not sys.stderr.isatty())
     model.train()
     tick = time.perf_counter()
@@ -200,6 +220,25 @@ def train(cfg: Config, data: PreparedData, models_dir: Path, live: Live) -> Trai
                 models_dir / LAST, **checkpoint, best_val_mse=best_val_mse, best_step=best_step
             )
             tick = time.perf_counter()
+
+        if stop is not None and stop.requested and not window:  # only at a log boundary
+            train_seconds += time.perf_counter() - tick
+            live.make_summary()
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": done,
+                "best_val_mse": best_val_mse,
+                "best_step": best_step,
+                "loss_history": loss_history,
+                "val_history": val_history,
+                "train_seconds": train_seconds,
+            }
+            save_snapshot(snapshot, state, [models_dir, Path(live.dir)])
+            progress.close()
+            raise Preempted(
+                f"stopped at step {done} on signal {stop.requested}; resume: {snapshot}"
+            )
     progress.close()
 
     trained_steps = cfg.train.max_steps - start_step
@@ -211,4 +250,5 @@ def train(cfg: Config, data: PreparedData, models_dir: Path, live: Live) -> Trai
     live.log_metric("device", runtime.describe(), plot=False)
     for name, value in metrics.training_stability(loss_history, val_history).items():
         live.log_metric(f"stability/{name}", value, plot=False)
+    live.make_summary()  # records the final step (a resumed Live would keep the snapshot's)
     return TrainResult(cfg.train.max_steps, best_val_mse, best_step, train_seconds, images_per_s)

@@ -1,0 +1,1 @@
+"""Cluster glue: GPU binding for parallel experiments, SLURM submission and queue draining."""

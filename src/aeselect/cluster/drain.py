@@ -1,0 +1,242 @@
+"""The drainer: runs a phase's queued experiments inside one allocation (a SLURM job or a box).
+
+Why not DVC's own workers: `dvc queue start` daemonizes them out of the job's process group, gives
+them the environment of whoever started the first one (so no per-experiment GPU), and a worker
+killed with SIGKILL leaves its task "Running" forever. Here the experiments stay declared with
+`dvc exp run --queue`; the drainer claims each Queued task (a durable record under
+.dvc/tmp/aeselect-drain/ is written first, then the task leaves DVC's queue) and runs it as its
+own child `dvc exp run --temp` with one GPU and cores/N threads. Every claimed experiment ends
+Success, Failed (with its log) or Interrupted; an interrupted one (the job was signalled; its
+training left a resume snapshot) runs again when the job is requeued, so each queued experiment
+completes exactly once.
+
+Exit codes: 0 all of the phase succeeded, 1 some failed, 75 stopped by SIGUSR1/SIGTERM (requeue
+me), 3 another drainer holds this repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aeselect.config import flatten
+from aeselect.dvc import dvc_env, dvc_executable
+from aeselect.phases.experiments import DRAIN_DIR, dvc_command, exp_show, git, queue_states
+from aeselect.phases.spec import PhaseError, PhaseSpec
+from aeselect.runtime import THREADS_ENV
+from aeselect.training.resume import PIDFILE_ENV, PREEMPTED_EXIT_CODE
+
+LOG_DIR = Path("hpc/logs")
+ANOTHER_DRAINER_EXIT_CODE = 3
+POLL_SECONDS = 0.5
+
+
+@dataclass
+class Claim:
+    """One experiment taken from DVC's queue; its file is the source of truth once written."""
+
+    name: str
+    overrides: dict[str, Any]
+    status: str = "claimed"  # claimed | running | success | failed | interrupted
+    log: str = ""
+    jobs: list[str] = field(default_factory=list)
+    returncode: int | None = None
+
+    def path(self, repo: Path) -> Path:
+        return repo / DRAIN_DIR / f"{self.name}.json"
+
+    def save(self, repo: Path) -> None:
+        path = self.path(repo)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, path)
+
+
+def read_claims(repo: Path, spec: PhaseSpec) -> dict[str, Claim]:
+    claims = {}
+    for name in spec.names():
+        path = repo / DRAIN_DIR / f"{name}.json"
+        if path.exists():
+            claims[name] = Claim(**json.loads(path.read_text()))
+    return claims
+
+
+class DrainerLock:
+    """One drainer per repository: DVC's queue and Git refs are local files that two drainers
+    would race on. The lock is an flock, released by the kernel however the drainer dies."""
+
+    def __init__(self, repo: Path):
+        self.path = repo / DRAIN_DIR / "drainer.lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = self.path.open("a+")
+
+    def acquire(self) -> bool:
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()} job {os.environ.get('SLURM_JOB_ID', '-')}\n")
+        self.handle.flush()
+        return True
+
+    def holder(self) -> str:
+        self.handle.seek(0)
+        return self.handle.read().strip() or "unknown"
+
+
+def _queued_overrides(repo: Path, spec: PhaseSpec, names: list[str]) -> dict[str, dict]:
+    """Each queued experiment's params that differ from its baseline, from `dvc exp show`."""
+    head = git(repo, "rev-parse", "HEAD").strip()
+    found: dict[str, dict] = {}
+    for baseline in exp_show(repo):
+        base_params = _params(baseline.get("data") or {})
+        for exp in baseline.get("experiments") or []:
+            rev = exp["revs"][0]
+            if rev.get("name") not in names:
+                continue
+            if baseline["rev"] != head:
+                raise PhaseError(
+                    f"{rev['name']} was queued on {baseline['rev'][:7]} but HEAD is {head[:7]}; "
+                    "the drainer runs experiments on HEAD: check out that commit or queue again"
+                )
+            params = _params(rev.get("data") or {})
+            found[rev["name"]] = {k: v for k, v in params.items() if base_params.get(k) != v}
+    return found
+
+
+def _params(data: dict) -> dict[str, Any]:
+    return flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
+
+
+def claim_queued(repo: Path, spec: PhaseSpec, claims: dict[str, Claim]) -> None:
+    """Move the phase's Queued tasks from DVC's queue into claims (record first, then remove)."""
+    states = queue_states(repo)
+    queued = [n for n in spec.names() if n in states and states[n].status == "Queued"]
+    if not queued:
+        return
+    overrides = _queued_overrides(repo, spec, queued)
+    for name in queued:
+        if name not in claims:
+            claims[name] = Claim(name, overrides.get(name, {}))
+            claims[name].save(repo)
+        subprocess.run(
+            [dvc_executable(), "queue", "remove", name],
+            cwd=repo,
+            env=dvc_env(),
+            check=True,
+            capture_output=True,
+        )
+
+
+def _cpus() -> int:
+    return int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
+
+
+class Drainer:
+    def __init__(self, repo: Path, spec: PhaseSpec, jobs: int):
+        self.repo, self.spec, self.jobs = repo, spec, jobs
+        self.job_id = os.environ.get("SLURM_JOB_ID", f"local{os.getpid()}")
+        self.running: dict[str, subprocess.Popen] = {}
+        self.stop_signal: int | None = None
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        """Stop starting experiments; ask running trainings to snapshot and exit (once)."""
+        if self.stop_signal is not None:
+            return
+        self.stop_signal = signum
+        print(f"[drain] signal {signum}: stopping; running trainings snapshot", file=sys.stderr)
+        for name in self.running:
+            pidfile = self.repo / DRAIN_DIR / f"{name}.pid"
+            # Not training yet: its current stage finishes, or SLURM's SIGTERM reaches it.
+            with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+                os.kill(int(pidfile.read_text()), signal.SIGUSR1)
+
+    def start(self, claim: Claim) -> None:
+        log = self.repo / LOG_DIR / f"{self.spec.path.stem}-{self.job_id}-{claim.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        pidfile = self.repo / DRAIN_DIR / f"{claim.name}.pid"
+        pidfile.unlink(missing_ok=True)
+        env = dvc_env(
+            {
+                THREADS_ENV: str(max(1, _cpus() // self.jobs)),
+                PIDFILE_ENV: str(pidfile),
+            }
+        )
+        args = dvc_command(claim.name, claim.overrides)
+        args[args.index("--queue")] = "--temp"
+        with log.open("a") as out:
+            out.write(f"[drain] job {self.job_id}: dvc {' '.join(args)}\n")
+            out.flush()
+            self.running[claim.name] = subprocess.Popen(
+                [dvc_executable(), *args],
+                cwd=self.repo,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                # Ignored signals survive exec: the drainer forwards USR1 to the training alone.
+                preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN),
+            )
+        claim.status, claim.log = "running", str(log.relative_to(self.repo))
+        claim.jobs.append(self.job_id)
+        claim.save(self.repo)
+        print(f"[drain] {claim.name}: started, log {claim.log}", file=sys.stderr)
+
+    def finish(self, claim: Claim, returncode: int) -> None:
+        claim.returncode = returncode
+        if returncode == 0:
+            claim.status = "success"
+        elif self.stop_signal is not None:
+            claim.status = "interrupted"
+        else:
+            claim.status = "failed"
+        claim.save(self.repo)
+        print(f"[drain] {claim.name}: {claim.status} (exit {returncode})", file=sys.stderr)
+
+    def run(self) -> int:
+        claims = read_claims(self.repo, self.spec)
+        claim_queued(self.repo, self.spec, claims)
+        todo = [c for c in claims.values() if c.status in ("claimed", "running", "interrupted")]
+        while todo or self.running:
+            while todo and len(self.running) < self.jobs and self.stop_signal is None:
+                self.start(todo.pop(0))
+            for name, process in list(self.running.items()):
+                if process.poll() is not None:
+                    del self.running[name]
+                    self.finish(claims[name], process.returncode)
+            if self.stop_signal is not None and not self.running:
+                break
+            time.sleep(POLL_SECONDS)
+        if self.stop_signal is not None:
+            return PREEMPTED_EXIT_CODE
+        failed = [c for c in claims.values() if c.status == "failed"]
+        for claim in failed:
+            print(f"[drain] FAILED {claim.name}: see {claim.log}", file=sys.stderr)
+        return 1 if failed else 0
+
+
+def drain(repo: Path, spec: PhaseSpec, jobs: int) -> int:
+    lock = DrainerLock(repo)
+    if not lock.acquire():
+        print(
+            f"aeselect phase drain: another drainer ({lock.holder()}) is draining {repo}; one "
+            "drainer per repository clone (for several nodes, give each its own clone; see the "
+            "README, 'Run on a SLURM cluster')",
+            file=sys.stderr,
+        )
+        return ANOTHER_DRAINER_EXIT_CODE
+    drainer = Drainer(repo, spec, jobs)
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(signum, drainer.on_signal)
+    return drainer.run()

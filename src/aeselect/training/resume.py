@@ -1,0 +1,89 @@
+"""Surviving time limits and preemption: stop cleanly on a signal, resume bit-identically.
+
+SLURM warns a job (`--signal=B:USR1@...`) before SIGTERM and SIGKILL. On SIGUSR1 or SIGTERM the
+train loop finishes its current logging window, snapshots everything a continuation needs (model,
+optimiser, step, histories, the dvclive directory and the checkpoints) under
+`$AESELECT_RESUME_DIR/<key>/`, and exits with PREEMPTED_EXIT_CODE. DVC 3 has no checkpoints of its
+own, so the key is derived from what determines the run (resolved config + prepared data): the
+same experiment, requeued, finds its snapshot; any other experiment never does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aeselect.config import Config
+
+RESUME_DIR_ENV = "AESELECT_RESUME_DIR"
+PIDFILE_ENV = "AESELECT_PIDFILE"  # set by aeselect.cluster.drain for each experiment
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: try again later
+STATE_FILE = "state.pt"
+
+
+class Preempted(Exception):
+    """Training stopped on request after saving a resume snapshot."""
+
+
+class StopRequest:
+    """Set by SIGUSR1/SIGTERM; the loop polls it at log boundaries (no work inside the handler)."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+        self.requested: int | None = None
+        for signum in signals:
+            signal.signal(signum, self._handle)
+        pidfile = os.environ.get(PIDFILE_ENV)
+        if pidfile:  # tells a drainer where to forward its stop request, now that it is handled
+            Path(pidfile).write_text(str(os.getpid()))
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signum
+
+
+def resume_key(cfg: Config, prepared_dir: Path) -> str:
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    for name in ("meta.json", "manifest.csv"):
+        digest.update((prepared_dir / name).read_bytes())
+    return digest.hexdigest()[:20]
+
+
+def snapshot_dir(cfg: Config, prepared_dir: Path) -> Path | None:
+    """Where this run's snapshot lives, or None when resuming is not configured."""
+    root = os.environ.get(RESUME_DIR_ENV)
+    return Path(root) / resume_key(cfg, prepared_dir) if root else None
+
+
+def save_snapshot(directory: Path, state: dict[str, Any], outputs: list[Path]) -> None:
+    """Write to a sibling temp dir, then swap it in: a kill mid-save keeps the previous snapshot."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / STATE_FILE)
+    for output in outputs:
+        if output.exists():
+            shutil.copytree(output, tmp / output.name)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def restore_snapshot(directory: Path | None, outputs: list[Path]) -> dict[str, Any] | None:
+    """Put the snapshot's outputs back in place and return its state, or None if there is none."""
+    if directory is None or not (directory / STATE_FILE).exists():
+        return None
+    for output in outputs:
+        shutil.rmtree(output, ignore_errors=True)
+        if (directory / output.name).exists():
+            shutil.copytree(directory / output.name, output)
+    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def discard_snapshot(directory: Path | None) -> None:
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,314 @@
+"""Phases: phase-file validation, the decision rule, params edits, a real two-phase chain."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import ROOT, git
+
+from aeselect.phases.decide import rank
+from aeselect.phases.experiments import dvc_command, experiment_params
+from aeselect.phases.promote import set_params
+from aeselect.phases.spec import Criterion, DecisionRule, PhaseError, all_phases, load_phase
+
+SHIPPED = ROOT / "phases"
+
+
+def write_phase(directory: Path, phase_id: str, body: str) -> Path:
+    path = directory / f"phase{phase_id.replace('.', '_')}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+VALID = """\
+    id: "1.1"
+    title: t
+    requires: null
+    selects: [model.latent_channels]
+    experiments:
+      lc2: {model.latent_channels: 2}
+      lc4: {model.latent_channels: 4}
+    decide: {metric: mse, direction: min, tolerance: 0.05, tie_breakers: []}
+"""
+
+
+def test_shipped_phases_follow_the_plan():
+    phases = {spec.id: spec for spec in all_phases(SHIPPED)}
+    assert [len(phases[i].experiments) for i in ("1.1", "1.2", "1.3", "1.4", "1.5")] == [
+        5,
+        3,
+        2,
+        3,
+        1,
+    ]
+    assert [phases[i].requires for i in ("1.1", "1.2", "1.3", "1.4", "1.5")] == [
+        None,
+        "1.1",
+        "1.2",
+        "1.3",
+        "1.4",
+    ]
+    steps = sorted(p["model.downsampling_steps"] for p in phases["1.2"].experiments.values())
+    assert steps == [3, 4, 5]  # 512px -> 64, 32, 16
+    assert phases["1.1"].experiment_name("lc8-bc16") == "p1-1-lc8-bc16"
+    assert {p["model.variational"] for p in phases["1.3"].experiments.values()} == {True, False}
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "lc4: {model.latent_channels: 4}",
+            "lc4: {model.latent_chanels: 4}",
+            r"experiments\.lc4: 'model\.latent_chanels' is not a params\.yaml key",
+        ),
+        (
+            "lc4: {model.latent_channels: 4}",
+            "lc4: {train.lr: 0.1}",
+            r"experiments\.lc4: does not set 'model\.latent_channels', which this phase selects",
+        ),
+        (
+            "selects: [model.latent_channels]",
+            "selects: [model.width]",
+            r"selects 'model\.width', which is not a params\.yaml key",
+        ),
+        ("lc4:", "LC_4:", r"experiments\.LC_4: names use a-z"),
+        (
+            "lc4: {model.latent_channels: 4}",
+            "lc4: {model.latent_channels: 0}",
+            r"experiments\.lc4: model\.latent_channels: must be >= 1",
+        ),
+        ('id: "1.1"', 'id: "1.2"', r"id is '1\.2' but the file name says 1\.1"),
+        ("direction: min", "direction: down", r"decide\.direction: must be min or max"),
+    ],
+)
+def test_phase_file_errors_name_the_file_and_key(tmp_path, old, new, message):
+    path = write_phase(tmp_path, "1.1", VALID.replace(old, new))
+    with pytest.raises(PhaseError, match=message) as err:
+        load_phase("1.1", tmp_path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_phase_file_lists_the_known_ones(tmp_path):
+    write_phase(tmp_path, "1.1", VALID)
+    with pytest.raises(PhaseError, match=r"no such phase file \(phase files here: phase1_1\)"):
+        load_phase("1.7", tmp_path)
+
+
+def test_extra_sets_apply_to_every_experiment_but_never_override_one(tmp_path):
+    write_phase(tmp_path, "1.1", VALID)
+    spec = load_phase("1.1", tmp_path)
+    assert experiment_params(spec, "lc2", {"train.max_steps": 9}) == {
+        "model.latent_channels": 2,
+        "train.max_steps": 9,
+    }
+    with pytest.raises(PhaseError, match="experiment 'lc2' sets this itself"):
+        experiment_params(spec, "lc2", {"model.latent_channels": 8})
+    assert dvc_command("p1-1-lc2", {"model.variational": True, "loss.kl_weight": 0.001}) == [
+        "exp",
+        "run",
+        "--queue",
+        "-n",
+        "p1-1-lc2",
+        "-S",
+        "model.variational=true",
+        "-S",
+        "loss.kl_weight=0.001",
+    ]
+
+
+def results(**rows) -> pd.DataFrame:
+    return pd.DataFrame(
+        [{"experiment": name, "state": "Success", **values} for name, values in rows.items()]
+    )
+
+
+RULE = DecisionRule(
+    primary=Criterion("mse", "min"),
+    tolerance=0.05,
+    tie_breakers=(Criterion("cost.params", "min"), Criterion("images_per_s", "max")),
+)
+
+
+def test_rule_breaks_ties_within_tolerance_by_secondary_metrics():
+    frame = results(
+        big={"mse": 0.0100, "cost.params": 900, "images_per_s": 10.0},
+        small={"mse": 0.0104, "cost.params": 100, "images_per_s": 30.0},  # within 5%: tied
+        small_slow={"mse": 0.0102, "cost.params": 100, "images_per_s": 20.0},
+        tiny={"mse": 0.0200, "cost.params": 10, "images_per_s": 99.0},  # fewest params, far worse
+        failed_exp={"mse": 0.0001, "cost.params": 1, "images_per_s": 1.0},
+    )
+    frame.loc[frame["experiment"] == "failed_exp", "state"] = "Failed"
+    ranking = rank(frame, RULE)
+    assert list(ranking.table["experiment"]) == ["small", "small_slow", "big", "tiny"]
+    assert ranking.winner == "small"
+    assert list(ranking.table["tied"]) == [True, True, True, False]
+    assert "3 of 4 experiments are within 5%" in ranking.reason
+
+
+def test_rule_without_ties_takes_the_best_and_orders_the_rest_by_the_metric():
+    frame = results(
+        a={"mse": 0.3, "cost.params": 1, "images_per_s": 1.0},
+        b={"mse": 0.1, "cost.params": 9, "images_per_s": 1.0},
+        c={"mse": 0.2, "cost.params": 5, "images_per_s": 1.0},
+    )
+    assert list(rank(frame, RULE).table["experiment"]) == ["b", "c", "a"]
+
+
+def test_rule_on_a_param_and_missing_values():
+    rule = DecisionRule(
+        Criterion("mse", "min"), 0.1, (Criterion("model.variational", "min", "param"),)
+    )
+    frame = results(
+        vae={"mse": 0.100, "params.model.variational": True},
+        ae={"mse": 0.105, "params.model.variational": False},
+        nan={"mse": math.nan, "params.model.variational": False},
+    )
+    assert list(rank(frame, rule).table["experiment"]) == ["ae", "vae", "nan"]
+
+
+def test_set_params_changes_only_the_selected_lines():
+    original = (ROOT / "params.yaml").read_text()
+    changed = set_params(original, {"model.latent_channels": 16, "loss.kl_weight": 0.001})
+    old_lines, new_lines = original.splitlines(), changed.splitlines()
+    assert len(old_lines) == len(new_lines)
+    differing = [(a, b) for a, b in zip(old_lines, new_lines, strict=True) if a != b]
+    assert [b.split("#")[0].strip() for _, b in differing] == [
+        "latent_channels: 16",
+        "kl_weight: 0.001",
+    ]
+    assert set_params(original, {}) == original
+    assert yaml.safe_load(changed)["model"]["latent_channels"] == 16
+
+
+# ---- end to end: real `dvc exp run --queue`, real queue workers, real Git commits ----------
+
+
+def aeselect(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        ["python", "-m", "aeselect", "phase", *args, "--repo", str(repo)],
+        capture_output=True,
+        text=True,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"aeselect phase {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+CHAIN_1_1 = VALID
+CHAIN_1_2 = """\
+    id: "1.2"
+    title: second
+    requires: "1.1"
+    selects: [loss.aux_weight]
+    experiments:
+      aux0: {loss.aux_weight: 0.0}
+      aux5: {loss.aux_weight: 0.5}
+      broken: {loss.aux_weight: 0.2, data.root: data/missing}
+    decide:
+      metric: mse
+      direction: min
+      tolerance: 0.0
+      tie_breakers: [{metric: aux_pixel_acc, direction: max}]
+"""
+
+
+@pytest.mark.slow
+def test_two_phases_chain_through_queue_run_compare_promote(project):
+    for path in (project / "phases").glob("phase*.yaml"):
+        path.unlink()
+    write_phase(project / "phases", "1.1", CHAIN_1_1)
+    write_phase(project / "phases", "1.2", CHAIN_1_2)
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "tiny phases")
+
+    # 1.2 needs 1.1's decision first.
+    refused = aeselect(project, "queue", "1.2", check=False)
+    assert refused.returncode == 2
+    assert "requires phase 1.1's decision" in refused.stderr
+
+    # A dirty params.yaml would be snapshotted silently: refused unless --allow-dirty.
+    params = project / "params.yaml"
+    clean = params.read_text()
+    params.write_text(clean.replace("seed: 0", "seed: 1"))
+    refused = aeselect(project, "queue", "1.1", check=False)
+    assert refused.returncode == 2 and "params.yaml" in refused.stderr
+    params.write_text(clean)
+
+    dry = aeselect(project, "queue", "1.1", "--dry-run").stdout
+    assert "dvc exp run --queue -n p1-1-lc2 -S model.latent_channels=2" in dry
+    aeselect(project, "queue", "1.1")
+    again = aeselect(project, "queue", "1.1").stdout
+    assert "p1-1-lc2: already queued" in again  # never clobbers an existing name
+
+    run = aeselect(project, "run", "1.1", "-j", "2")
+    assert "p1-1-lc4: success" in run.stdout
+    status = aeselect(project, "status", "1.1").stdout
+    assert status.count("success") == 2
+
+    compared = aeselect(project, "compare", "1.1").stdout
+    assert "winner by the rule" in compared
+    report = project / "phases" / "reports" / "1.1"
+    assert {"metrics.csv", "val_curves.csv", "reconstructions.png", "report.md"} <= {
+        p.name for p in report.iterdir()
+    }
+    assert set(pd.read_csv(report / "metrics.csv")["experiment"]) == {"p1-1-lc2", "p1-1-lc4"}
+
+    before = git(project, "rev-parse", "HEAD").strip()
+    promoted = aeselect(project, "promote", "1.1").stdout
+    decision = yaml.safe_load((project / "phases" / "decisions" / "1.1.yaml").read_text())
+    winner_lc = decision["selected"]["model.latent_channels"]
+    assert decision["winner"] == f"p1-1-lc{winner_lc}"
+    assert decision["baseline_commit"] == before
+    assert {c["experiment"] for c in decision["candidates"]} == {"p1-1-lc2", "p1-1-lc4"}
+    message = git(project, "log", "-1", "--format=%s").strip()
+    assert message.startswith(f"phase 1.1: latent_channels={winner_lc} (mse ")
+    assert message in promoted
+    changed = git(project, "diff", "--name-only", "HEAD~1", "HEAD").split()
+    assert sorted(changed) == ["params.yaml", "phases/decisions/1.1.yaml"]
+    assert yaml.safe_load(params.read_text())["model"]["latent_channels"] == winner_lc
+    assert not git(project, "status", "--porcelain", "--", "params.yaml")
+
+    # 1.2 runs on top of the promoted value; one experiment fails, the others still finish.
+    run = aeselect(project, "run", "1.2", "-j", "2", check=False)
+    assert run.returncode == 1
+    status = aeselect(project, "status", "1.2", check=False)
+    assert status.returncode == 1
+    failed_line = next(line for line in status.stdout.splitlines() if "p1-2-broken" in line)
+    assert "failed" in failed_line and "log: .dvc/tmp/exps/run/" in failed_line
+    log = project / failed_line.split("log: ")[1].strip()
+    assert "data/missing" in log.read_text()
+
+    aeselect(project, "compare", "1.2")
+    compared = pd.read_csv(project / "phases" / "reports" / "1.2" / "metrics.csv")
+    assert set(compared["params.model.latent_channels"]) == {winner_lc}
+
+    refused = aeselect(project, "promote", "1.2", check=False)
+    assert refused.returncode == 2 and "p1-2-broken (failed)" in refused.stderr
+    assert git(project, "log", "-1", "--format=%s").strip() == message  # nothing committed
+
+    params.write_text(clean.replace("seed: 0", "seed: 7"))
+    refused = aeselect(project, "promote", "1.2", "--pick", "p1-2-aux5", "--why", "x", check=False)
+    assert "params.yaml has uncommitted changes" in refused.stderr
+    assert "seed: 7" in params.read_text()  # the user's edit is still there
+    git(project, "checkout", "--", "params.yaml")
+
+    aeselect(project, "promote", "1.2", "--pick", "p1-2-aux5", "--why", "keeps the layout")
+    decision = yaml.safe_load((project / "phases" / "decisions" / "1.2.yaml").read_text())
+    assert decision["override"]["picked"] == "p1-2-aux5"
+    assert decision["override"]["why"] == "keeps the layout"
+    assert yaml.safe_load(params.read_text())["loss"]["aux_weight"] == 0.5
+    final = yaml.safe_load((project / "phases" / "decisions" / "final.yaml").read_text())
+    assert final["latent_shape_hwc_at_512"] == f"64x64x{winner_lc}"
+    assert final["checkpoint"]["rev"] == decision["experiment_rev"]
+    shown = aeselect(project, "show").stdout
+    assert "Phase 1 is complete" in shown
