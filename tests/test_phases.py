@@ -258,9 +258,16 @@ def test_two_phases_chain_through_queue_run_compare_promote(project):
     compared = aeselect(project, "compare", "1.1").stdout
     assert "winner by the rule" in compared
     report = project / "phases" / "reports" / "1.1"
-    assert {"metrics.csv", "val_curves.csv", "reconstructions.png", "report.md"} <= {
+    pictures = {"reconstructions.png", "zoom.png", "val_mse.png", "val_psnr.png", "pareto.png"}
+    assert {"metrics.csv", "val_curves.csv", "report.md", *pictures} <= {
         p.name for p in report.iterdir()
     }
+    markdown = (report / "report.md").read_text()
+    assert all(f"({name})" in markdown for name in pictures)  # every picture is on the page
+    assert "p1-1-lc2" in markdown and "## Why" in markdown
+    curves = pd.read_csv(report / "val_curves.csv")
+    assert set(curves["experiment"]) == {"p1-1-lc2", "p1-1-lc4"}
+    assert {"mse", "psnr"} <= set(curves["metric"])
     assert set(pd.read_csv(report / "metrics.csv")["experiment"]) == {"p1-1-lc2", "p1-1-lc4"}
 
     before = git(project, "rev-parse", "HEAD").strip()

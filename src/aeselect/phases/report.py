@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
 from aeselect.phases.decide import Ranking, column, rank
@@ -68,7 +71,8 @@ def val_curves(repo: Path, done: pd.DataFrame) -> pd.DataFrame:
 
 
 def side_by_side(repo: Path, done: pd.DataFrame, image_size: int) -> Image.Image | None:
-    """Originals, then each experiment's reconstructions of the same val images, one column each."""
+    """Originals, then each experiment's reconstructions of the same val images, one column each
+    (every column is a tile with GRID_PADDING on both sides)."""
     columns: list[Image.Image] = []
     for i, (_, row) in enumerate(done.iterrows()):
         grid = Image.open(io.BytesIO(_open_output(repo, RECONSTRUCTIONS, row["rev"]))).convert(
@@ -89,6 +93,83 @@ def side_by_side(repo: Path, done: pd.DataFrame, image_size: int) -> Image.Image
     return out
 
 
+def render_chart(
+    datapoints: list[dict], template: str, x: str, y: str, title: str, out: Path
+) -> None:
+    """A DVC plot template filled by dvc-render, rendered to PNG with no browser or network.
+
+    The HTML of `dvc plots diff` loads Vega from a CDN and stays blank offline (GPU clusters);
+    vl-convert bundles the Vega-Lite engine, so the report's charts are plain images.
+    """
+    import vl_convert
+    from dvc_render.vega import VegaRenderer
+
+    spec = VegaRenderer(datapoints, out.stem, template=template, x=x, y=y, title=title)
+    filled = json.dumps(spec.get_filled_template())
+    out.with_suffix(".vl.json").write_text(filled)
+    out.write_bytes(vl_convert.vegalite_to_png(filled, scale=2))
+
+
+def charts(table: pd.DataFrame, curves: pd.DataFrame, report_dir: Path) -> None:
+    """Val curves overlaid, and quality against latent size (the Pareto view)."""
+    for metric, title in (("mse", "val MSE (lower is better)"), ("psnr", "val PSNR, dB")):
+        rows = curves[curves["metric"] == metric]
+        points = [
+            {"rev": r.experiment, "step": int(r.step), metric: float(r.value)}
+            for r in rows.itertuples()
+        ]
+        if points:
+            render_chart(points, "linear", "step", metric, title, report_dir / f"val_{metric}.png")
+    points = [
+        {
+            "rev": r["experiment"],
+            "latent elements per image": float(r["latent.elements_per_image"]),
+            "PSNR dB": float(r["psnr"]),
+        }
+        for _, r in table.iterrows()
+    ]
+    render_chart(
+        points,
+        "scatter",
+        "latent elements per image",
+        "PSNR dB",
+        "quality vs latent size (up and left is better)",
+        report_dir / "pareto.png",
+    )
+
+
+def detail_zoom(grid: Image.Image, image_size: int, factor: int = 4) -> Image.Image:
+    """The busiest quarter of the first image, enlarged: fine detail is where blur shows."""
+    from aeselect.imageops import sobel_magnitude
+
+    step = image_size + GRID_PADDING
+    original = torch.from_numpy(
+        np.asarray(grid.crop((GRID_PADDING, GRID_PADDING, step, step)), dtype=np.float32) / 255
+    ).permute(2, 0, 1)[None]
+    half = image_size // 2
+    energy = sobel_magnitude(original)[0]
+    corners = [(y, x) for y in (0, half) for x in (0, half)]
+    y, x = max(corners, key=lambda c: float(energy[c[0] : c[0] + half, c[1] : c[1] + half].sum()))
+    width = image_size + 2 * GRID_PADDING  # one column of side_by_side, padding both sides
+    columns = grid.width // width
+    tiles = [
+        grid.crop(
+            (
+                c * width + GRID_PADDING + x,
+                GRID_PADDING + y,
+                c * width + GRID_PADDING + x + half,
+                GRID_PADDING + y + half,
+            )
+        )
+        for c in range(columns)
+    ]
+    size = half * factor
+    out = Image.new("RGB", (columns * (size + GRID_PADDING), size), "white")
+    for i, tile in enumerate(tiles):
+        out.paste(tile.resize((size, size), Image.NEAREST), (i * (size + GRID_PADDING), 0))
+    return out
+
+
 def compare(repo: Path, spec: PhaseSpec) -> Comparison:
     results = phase_results(repo, spec)
     report_dir = repo / REPORTS_DIR / spec.id
@@ -98,11 +179,14 @@ def compare(repo: Path, spec: PhaseSpec) -> Comparison:
     ordered = ranking.table if ranking else results
     ordered.to_csv(report_dir / "metrics.csv", index=False)
     if ranking is not None:
-        val_curves(repo, ranking.table).to_csv(report_dir / "val_curves.csv", index=False)
+        curves = val_curves(repo, ranking.table)
+        curves.to_csv(report_dir / "val_curves.csv", index=False)
+        charts(ranking.table, curves, report_dir)
         size = int(ranking.table["params.data.image_size"].iloc[0])
         grid = side_by_side(repo, ranking.table, size)
         if grid is not None:
             grid.save(report_dir / "reconstructions.png")
+            detail_zoom(grid, size).save(report_dir / "zoom.png")
     (report_dir / "report.md").write_text(render_markdown(repo, spec, results, ranking))
     return Comparison(results, ranking, report_dir)
 
@@ -152,16 +236,27 @@ def render_markdown(
             + f" (commit message: phase {spec.id}).",
             "",
         ]
+    order = ", ".join(table["experiment"]) if ranking else ""
     lines += [
         "## Reconstructions",
         "",
-        "Same val images: the originals, then one column per experiment in rank order.",
+        f"Same val images: the originals, then one column per experiment ({order}).",
         "",
         "![reconstructions](reconstructions.png)",
         "",
-        "## Curves",
+        "Fine detail, 4x: the busiest quarter of the first image, same column order.",
         "",
-        "Per-evaluation val metrics of every experiment: `val_curves.csv`. Interactive curves:",
+        "![detail](zoom.png)",
+        "",
+        "## Curves and the quality / latent-size trade-off",
+        "",
+        "![val MSE](val_mse.png) ![val PSNR](val_psnr.png)",
+        "",
+        "![pareto](pareto.png)",
+        "",
+        "Numbers: `metrics.csv` (final metrics, ranked), `val_curves.csv` (every evaluation).",
+        "Charts are DVC plot templates rendered offline (`*.vl.json` are their Vega-Lite specs).",
+        "Interactive (needs network for Vega):",
         "",
         f"    dvc plots diff {names} -o {REPORTS_DIR}/{spec.id}/plots",
         "",
