@@ -1,0 +1,175 @@
+"""aeselect performance benchmarks: `make bench` (= .venv/bin/python bench/run.py).
+
+Prints a table and writes bench/results.json. See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import ROOT, Figure, Result, log
+
+BENCHMARKS = {
+    "matmul": "1. matmul peak and the training step's achieved FLOP/s",
+    "train": "2. train() stage vs a bare PyTorch loop",
+    "loader": "3. data loader vs the training step's consumption",
+    "dvc": "4. DVC overhead per experiment vs its empty-stage floor",
+    "queue": "5. 4 queued tiny experiments, -j 1 vs -j 2",
+    "throughput": "6. evaluate and prepare throughput",
+}
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+def runner(name: str):
+    import compute
+    import pipeline
+
+    return {
+        "matmul": compute.bench_matmul,
+        "train": compute.bench_train,
+        "loader": compute.bench_loader,
+        "dvc": pipeline.bench_dvc,
+        "queue": pipeline.bench_queue,
+        "throughput": compute.bench_throughput,
+    }[name]
+
+
+def machine() -> dict:
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda": torch.cuda.is_available(),
+        "platform": platform.platform(),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def fmt(value: float) -> str:
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def table(figures: list[Figure]) -> str:
+    rows = [("benchmark", "figure", "median", "min", "max", "unit", "target", "")]
+    for f in figures:
+        if f.stats is None:
+            rows.append((f.bench, f.name, "-", "", "", f.unit, f.target, f"skipped: {f.note}"))
+            continue
+        verdict = "" if f.ok is None else ("OK" if f.ok else "MISS")
+        s = f.stats
+        rows.append(
+            (f.bench, f.name, fmt(s.median), fmt(s.lo), fmt(s.hi), f.unit, f.target, verdict)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [
+            c.rjust(w) if 2 <= j <= 4 else c.ljust(w)
+            for j, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats: a smoke test")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=list(BENCHMARKS),
+        metavar="NAME",
+        help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temp work dir")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="results JSON path")
+    args = parser.parse_args(argv)
+    names = args.only or list(BENCHMARKS)
+
+    os.environ["DVC_NO_ANALYTICS"] = "1"
+    # SIGTERM (e.g. a timeout) exits through the finally below, which deletes the work dir.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    workdir = Path(tempfile.mkdtemp(prefix="aeselect-bench-"))
+    previous_cwd = Path.cwd()
+    os.chdir(workdir)  # dvclive and the stages write relative paths; keep them out of the repo
+    started = time.perf_counter()
+    figures: list[Figure] = []
+    report: dict = {
+        "mode": "quick" if args.quick else "default",
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "benchmarks": {},
+    }
+    failed = []
+    try:
+        for name in names:
+            log(f"{BENCHMARKS[name]} ...")
+            t0 = time.perf_counter()
+            try:
+                result: Result = runner(name)(workdir, args.quick)
+            except Exception as err:  # report, keep going with the other benchmarks
+                traceback.print_exc()
+                failed.append(name)
+                report["benchmarks"][name] = {"error": f"{type(err).__name__}: {err}"}
+                figures.append(Figure(name, "FAILED", None, "", note=str(err).splitlines()[0]))
+                continue
+            seconds = time.perf_counter() - t0
+            log(f"{name} done in {seconds:.0f} s")
+            figures += result.figures
+            report["benchmarks"][name] = {
+                "seconds": seconds,
+                "figures": [f.as_dict() for f in result.figures],
+                "details": result.details,
+            }
+    finally:
+        os.chdir(previous_cwd)
+        if args.keep:
+            log(f"work dir kept: {workdir}")
+        else:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+    report["total_seconds"] = time.perf_counter() - started
+    text = table(figures)
+    report["table"] = text
+    print(text)
+    print(f"\ntotal {report['total_seconds']:.0f} s; results in {args.output}")
+    args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    sys.exit(main())
