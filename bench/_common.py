@@ -26,33 +26,6 @@ GIT_IDENTITY = {
     "GIT_COMMITTER_NAME": "aeselect bench",
     "GIT_COMMITTER_EMAIL": "bench@aeselect.invalid",
 }
-# The tiny pipeline scale of tests/conftest.py (TINY), used when conftest cannot be imported.
-TINY_FALLBACK = {
-    "data.image_size": 32,
-    "data.num_images": 24,
-    "model.base_channels": 8,
-    "model.aux_hidden_channels": 8,
-    "train.max_steps": 6,
-    "train.batch_size": 4,
-    "train.eval_every": 3,
-    "train.log_every": 3,
-    "train.warmup_steps": 2,
-    "evaluate.batch_size": 8,
-    "evaluate.num_sample_images": 2,
-}
-PROJECT_FILES_FALLBACK = [
-    "src",
-    "dvc.yaml",
-    "params.yaml",
-    ".dvc/config",
-    ".dvcignore",
-    ".gitignore",
-    "data/raw/README.md",
-    "data/.gitignore",
-    "results/.gitignore",
-    "phases",
-    "hpc",
-]
 
 
 class BenchError(RuntimeError):
@@ -144,13 +117,10 @@ def log(message: str) -> None:
 
 
 def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Subprocess env: this venv first on PATH, DVC analytics off, the bench's own Git identity."""
-    env = dict(os.environ)
-    env.update(GIT_IDENTITY)
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra or {})
-    return env
+    """Subprocess env: aeselect's dvc environment plus the bench's own Git identity."""
+    from aeselect.dvc import dvc_env
+
+    return dvc_env({**GIT_IDENTITY, **(extra or {})})
 
 
 def run_cmd(
@@ -194,54 +164,27 @@ def dvc(*args: str) -> list[str]:
 
 
 def _load_conftest():
-    """tests/conftest.py as a module (it is the canonical `make_project`), or None."""
+    """tests/conftest.py as a module: its make_project and TINY are the project's one definition."""
     path = ROOT / "tests" / "conftest.py"
-    try:
-        spec = importlib.util.spec_from_file_location("_aeselect_tests_conftest", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.make_project  # noqa: B018 - the attribute this bench relies on
-        return module
-    except Exception as err:  # any import problem: fall back to the replica below
-        log(f"tests/conftest.py not importable ({err!r}); using the bench's own make_project")
-        return None
+    spec = importlib.util.spec_from_file_location("_aeselect_tests_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_params() -> dict[str, Any]:
-    module = _load_conftest()
-    return dict(getattr(module, "TINY", TINY_FALLBACK)) if module else dict(TINY_FALLBACK)
+    return dict(_load_conftest().TINY)
 
 
 def make_project(directory: Path, params: dict[str, Any]) -> tuple[Path, str]:
-    """A committed Git+DVC copy of this project (tests/conftest.py's make_project if possible).
+    """A committed Git+DVC copy of this project, built by tests/conftest.py's make_project.
 
     Returns (directory, which implementation built it). The Git identity comes from the env.
     """
     for key, value in GIT_IDENTITY.items():
         os.environ.setdefault(key, value)
     os.environ["DVC_NO_ANALYTICS"] = "1"
-    module = _load_conftest()
-    if module is not None:
-        return module.make_project(directory, params), "tests/conftest.py:make_project"
-    import yaml
-
-    from aeselect.config import apply_overrides, read_yaml
-
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES_FALLBACK:
-        source, target = ROOT / name, directory / name
-        if not source.exists():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "logs"))
-        else:
-            shutil.copy2(source, target)
-    raw = apply_overrides(read_yaml(ROOT / "params.yaml"), params)
-    (directory / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "project"]):
-        run_cmd(["git", *args], directory, timeout=60)
-    return directory, "bench/_common.py:make_project (replica)"
+    return _load_conftest().make_project(directory, params), "tests/conftest.py:make_project"
 
 
 def demo_config(overrides: dict[str, Any] | None = None):

@@ -291,24 +291,14 @@ def op_breakdown(step: StepRunner, steps: int = 3) -> dict[str, Any]:
 def bare_train(cfg, data) -> float:
     """Same model, data order, steps, optimiser, lr schedule and clipping; nothing else."""
     from aeselect.data.dataset import StepBatchSampler, make_loader, to_model_input
-    from aeselect.model import Autoencoder
     from aeselect.runtime import seed_everything, select_runtime
-    from aeselect.training.loop import lr_at
+    from aeselect.training.loop import build_model, lr_at
     from aeselect.training.loss import compute_loss
 
     start = time.perf_counter()
     runtime = select_runtime(cfg.train)
     seed_everything(cfg.seed)
-    model = Autoencoder(cfg.model, data.aux_classes).to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.train.lr,
-        betas=(0.9, 0.99),
-        weight_decay=cfg.train.weight_decay,
-        fused=runtime.device.type == "cuda",
-    )
+    model, forward, optimizer = build_model(cfg, data.aux_classes, runtime)
     train_set = data.dataset("train")
     sampler = StepBatchSampler(
         len(train_set), cfg.train.batch_size, cfg.seed, 0, cfg.train.max_steps
@@ -320,7 +310,7 @@ def bare_train(cfg, data) -> float:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         with runtime.autocast():
-            out = model(images)
+            out = forward(images)
         loss, _ = compute_loss(out, images, targets, cfg.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

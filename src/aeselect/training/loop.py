@@ -105,6 +105,24 @@ def _raise_if_nonfinite(window: list[dict[str, torch.Tensor]], first_step: int) 
         )
 
 
+def build_model(
+    cfg: Config, aux_classes: int, runtime: Runtime
+) -> tuple[Autoencoder, torch.nn.Module, torch.optim.Optimizer]:
+    """The model on its device and layout, its (optionally compiled) forward, and AdamW."""
+    model = Autoencoder(cfg.model, aux_classes).to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if runtime.compile else model
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.train.lr,
+        betas=(0.9, 0.99),
+        weight_decay=cfg.train.weight_decay,
+        fused=runtime.device.type == "cuda",
+    )
+    return model, forward, optimizer
+
+
 def train(
     cfg: Config,
     data: PreparedData,
@@ -120,17 +138,7 @@ def train(
     seed_everything(cfg.seed)
     print(f"[train] device {runtime.describe()}, bf16={runtime.bf16}", file=sys.stderr)
 
-    model = Autoencoder(cfg.model, data.aux_classes).to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if runtime.compile else model
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.train.lr,
-        betas=(0.9, 0.99),
-        weight_decay=cfg.train.weight_decay,
-        fused=runtime.device.type == "cuda",
-    )
+    model, forward, optimizer = build_model(cfg, data.aux_classes, runtime)
 
     best_val_mse, best_step = float("inf"), -1
     loss_history: list[float] = []
