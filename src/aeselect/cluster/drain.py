@@ -123,7 +123,10 @@ def _params(data: dict) -> dict[str, Any]:
 def claim_queued(repo: Path, spec: PhaseSpec, claims: dict[str, Claim]) -> None:
     """Move the phase's Queued tasks from DVC's queue into claims (record first, then remove)."""
     states = queue_states(repo)
-    queued = [n for n in spec.names() if n in states and states[n].status == "Queued"]
+    # Only tasks still in DVC's queue (they have a task id); claims show up without one.
+    queued = [
+        n for n in spec.names() if n in states and states[n].task and states[n].status == "Queued"
+    ]
     if not queued:
         return
     overrides = _queued_overrides(repo, spec, queued)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -168,9 +169,14 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from aeselect.cluster.slurm import submit
+    from aeselect.cluster.slurm import load_profile, submit
 
+    load_profile(_repo(args), args.cluster)  # a bad profile must not leave the phase queued
     if not args.dry_run:
+        if shutil.which("sbatch") is None:
+            raise PhaseError(
+                "sbatch is not on PATH: submit from a login node (or module load slurm)"
+            )
         cmd_queue(args)
     return submit(_repo(args), _spec(args), args.cluster, dry_run=args.dry_run)
 

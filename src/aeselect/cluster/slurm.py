@@ -1,0 +1,211 @@
+"""`aeselect phase submit`: one SLURM job per phase, draining its queued experiments on one node.
+
+The job is `hpc/drain.sbatch` with the options of a profile in `hpc/clusters.yaml`. Options go
+on sbatch's command line (an argument list, never a shell string) and the script goes to sbatch
+on stdin with the profile's setup lines filled in, so what runs is exactly what `--dry-run`
+prints, and a requeued job runs the script SLURM stored at submission.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from aeselect.phases.spec import PHASE_ID, PhaseError, PhaseSpec
+from aeselect.training.resume import RESUME_DIR_ENV
+
+CLUSTERS_FILE = Path("hpc/clusters.yaml")
+SCRIPT_FILE = Path("hpc/drain.sbatch")
+LOG_DIR = Path("hpc/logs")
+SETUP_MARKER = "# aeselect:setup\n"
+DEFAULT_RESUME_DIR = Path(".dvc/tmp/aeselect-resume")
+
+# What reaches sbatch's option parser and the job's shell: sbatch splits --export at commas and
+# expands % in --output, so paths and names keep to plain characters.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+PATH = re.compile(r"^/[A-Za-z0-9_.+@/-]+$")
+MEM = re.compile(r"^\d+[KMGT]?$")
+TIME = re.compile(r"^(\d+):([0-5]\d):([0-5]\d)$")
+TIME_HINT = ' (quote it: "HH:MM:SS"; YAML reads an unquoted 04:00:00 as a number)'
+REQUIRED = {
+    "partition": str,
+    "gpus_per_node": int,
+    "parallel_jobs": int,
+    "cpus_per_task": int,
+    "mem": str,
+    "time": str,
+    "warn_seconds": int,
+    "setup": list,
+}
+OPTIONAL = {"account": str, "resume_dir": str}
+MAX_SIGNAL_SECONDS = 65535  # the largest lead time --signal accepts
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    partition: str
+    gpus_per_node: int
+    parallel_jobs: int
+    cpus_per_task: int
+    mem: str
+    time: str
+    warn_seconds: int
+    setup: tuple[str, ...]
+    account: str | None = None
+    resume_dir: str | None = None
+
+
+def load_profile(repo: Path, name: str) -> Profile:
+    """The named profile, validated: every error names hpc/clusters.yaml and the key."""
+    path = repo / CLUSTERS_FILE
+    if not path.exists():
+        raise PhaseError(f"{CLUSTERS_FILE}: not found in {repo}")
+    profiles = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(profiles, dict):
+        raise PhaseError(f"{CLUSTERS_FILE}: expected a mapping of profile name -> settings")
+    if name not in profiles:
+        known = ", ".join(str(k) for k in profiles) or "none"
+        raise PhaseError(f"{CLUSTERS_FILE}: no profile {name!r} (profiles: {known})")
+    raw = profiles[name]
+    where = f"{CLUSTERS_FILE}: {name}"
+    if not isinstance(raw, dict):
+        raise PhaseError(f"{where}: expected a mapping of settings")
+    for key in sorted(raw.keys() - REQUIRED.keys() - OPTIONAL.keys()):
+        raise PhaseError(f"{where}.{key}: unknown key; expected {sorted(REQUIRED | OPTIONAL)}")
+    for key in sorted(REQUIRED.keys() - raw.keys()):
+        raise PhaseError(f"{where}.{key}: missing")
+    for key, kind in (REQUIRED | OPTIONAL).items():
+        value = raw.get(key)
+        if key in raw and (not isinstance(value, kind) or isinstance(value, bool)):
+            hint = TIME_HINT if key == "time" else ""
+            raise PhaseError(f"{where}.{key}: expected {kind.__name__}, got {value!r}{hint}")
+    profile = Profile(name=name, **{**raw, "setup": tuple(raw["setup"])})
+    _check(profile, where)
+    return profile
+
+
+def _check(p: Profile, where: str) -> None:
+    for key in ("partition", "account"):
+        value = getattr(p, key)
+        if value is not None and not NAME.match(value):
+            raise PhaseError(f"{where}.{key}: {value!r} is not a plain SLURM name")
+    for key in ("gpus_per_node", "parallel_jobs", "cpus_per_task"):
+        if getattr(p, key) < 1:
+            raise PhaseError(f"{where}.{key}: must be >= 1")
+    if p.parallel_jobs > p.gpus_per_node:
+        raise PhaseError(
+            f"{where}.parallel_jobs: {p.parallel_jobs} is more than gpus_per_node "
+            f"({p.gpus_per_node}); each parallel experiment needs a GPU of its own"
+        )
+    if p.cpus_per_task < p.parallel_jobs:
+        raise PhaseError(
+            f"{where}.cpus_per_task: {p.cpus_per_task} cores cannot give each of the "
+            f"{p.parallel_jobs} parallel experiments one"
+        )
+    if not MEM.match(p.mem):
+        raise PhaseError(f"{where}.mem: {p.mem!r}; expected e.g. 64G or 4000M")
+    limit = TIME.match(p.time)
+    if not limit:
+        raise PhaseError(f"{where}.time: {p.time!r}; expected HH:MM:SS")
+    seconds = int(limit[1]) * 3600 + int(limit[2]) * 60 + int(limit[3])
+    if not 0 < p.warn_seconds < min(seconds, MAX_SIGNAL_SECONDS):
+        raise PhaseError(
+            f"{where}.warn_seconds: {p.warn_seconds}; must be above 0 and below the time limit "
+            f"({seconds} s) and {MAX_SIGNAL_SECONDS}"
+        )
+    for i, line in enumerate(p.setup):
+        if not isinstance(line, str) or "\n" in line:
+            raise PhaseError(f"{where}.setup[{i}]: expected one shell line, got {line!r}")
+
+
+def resume_dir(repo: Path, profile: Profile) -> Path:
+    if profile.resume_dir is None:
+        return repo / DEFAULT_RESUME_DIR
+    return repo / os.path.expanduser(os.path.expandvars(profile.resume_dir))
+
+
+def batch_script(repo: Path, profile: Profile) -> str:
+    template = (repo / SCRIPT_FILE).read_text()
+    if SETUP_MARKER not in template:
+        raise PhaseError(f"{SCRIPT_FILE}: the line {SETUP_MARKER.strip()!r} is missing")
+    setup = "".join(f"{line}\n" for line in profile.setup)
+    return template.replace(SETUP_MARKER, setup or "# (the profile has no setup lines)\n")
+
+
+def sbatch_command(repo: Path, spec: PhaseSpec, profile: Profile) -> list[str]:
+    slug = spec.path.stem  # phase1_1: the log and job names
+    resume = resume_dir(repo, profile)
+    for label, value, pattern in [
+        ("phase id", spec.id, PHASE_ID),
+        ("phase file", slug, NAME),
+        ("repository path", str(repo), PATH),
+        (f"{CLUSTERS_FILE}: {profile.name}.resume_dir", str(resume), PATH),
+    ]:
+        if not pattern.match(value):
+            raise PhaseError(
+                f"{label} {value!r}: sbatch needs plain characters here (letters, digits, "
+                "'_.+@/-'; no spaces, commas or %)"
+            )
+    exports = {
+        "AESELECT_PHASE": spec.id,
+        "AESELECT_JOBS": str(profile.parallel_jobs),
+        RESUME_DIR_ENV: str(resume),
+    }
+    options = [
+        f"--job-name=aeselect-{slug}",
+        f"--partition={profile.partition}",
+        *([f"--account={profile.account}"] if profile.account else []),
+        "--nodes=1",
+        "--ntasks=1",
+        f"--gres=gpu:{profile.gpus_per_node}",
+        f"--cpus-per-task={profile.cpus_per_task}",
+        f"--mem={profile.mem}",
+        f"--time={profile.time}",
+        f"--signal=B:USR1@{profile.warn_seconds}",
+        "--requeue",
+        "--open-mode=append",
+        f"--output={repo / LOG_DIR}/{slug}-%j.out",
+        f"--chdir={repo}",
+        "--export=" + ",".join(["ALL", *(f"{k}={v}" for k, v in exports.items())]),
+    ]
+    return ["sbatch", "--parsable", *options]
+
+
+def submit(repo: Path, spec: PhaseSpec, cluster: str, *, dry_run: bool) -> int:
+    """sbatch the phase's drainer with the profile `cluster`; print the job id and its log."""
+    repo = repo.resolve()
+    profile = load_profile(repo, cluster)
+    argv = sbatch_command(repo, spec, profile)
+    script = batch_script(repo, profile)
+    if dry_run:
+        print(shlex.join(argv))
+        print(f"# the batch script, on sbatch's stdin ({SCRIPT_FILE} with the setup lines):")
+        print(script, end="")
+        return 0
+    if shutil.which("sbatch") is None:
+        raise PhaseError(
+            "sbatch is not on PATH: run this on a SLURM login node (on some sites after "
+            "`module load slurm`); the queued experiments stay queued and are not queued twice"
+        )
+    (repo / LOG_DIR).mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(argv, input=script, text=True, capture_output=True, cwd=repo)
+    if result.returncode != 0:
+        raise PhaseError(
+            f"`{shlex.join(argv)}` failed (exit {result.returncode}): "
+            f"{(result.stderr or result.stdout).strip()}"
+        )
+    job = result.stdout.strip().split(";")[0]
+    slug = spec.path.stem
+    print(f"Submitted batch job {job}: phase {spec.id} on {cluster}")
+    print(f"job log: {LOG_DIR}/{slug}-{job}.out")
+    print(f"experiment logs: {LOG_DIR}/{slug}-{job}-<experiment>.log")
+    print(f"follow: squeue -j {job}; aeselect phase status {spec.id}")
+    return 0

@@ -1,0 +1,396 @@
+"""`aeselect phase submit` on SLURM: profiles, the batch script's signal relay and requeue, and
+whole phases drained by real jobs on the local test cluster (fixture in conftest.py).
+
+The jobs inherit the submitting process's environment (--export=ALL): its PATH with this venv,
+the Git identity, and the cluster's SLURM_CONF.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY, git, make_project
+
+from aeselect.cluster.slurm import load_profile, sbatch_command, submit
+from aeselect.phases.experiments import collect_results, exp_show
+from aeselect.phases.spec import PhaseError, PhaseSpec, load_phase
+
+PHASE = """\
+id: "1.1"
+title: slurm
+requires: null
+selects: [model.latent_channels]
+decide: {metric: mse, direction: min, tolerance: 0.05, tie_breakers: []}
+experiments:
+"""
+TIMING = {"train_time_s", "images_per_s"}
+
+
+def write_phase(directory: Path, experiments: str) -> Path:
+    lines = textwrap.dedent(experiments).splitlines()
+    path = directory / "phase1_1.yaml"
+    path.write_text(PHASE + "".join(f"  {line}\n" for line in lines))
+    return path
+
+
+# ---- profiles and the sbatch command line (no cluster needed) -------------------------------
+
+
+@pytest.fixture
+def hpc_repo(tmp_path) -> Path:
+    """A directory with this project's hpc/ files and a one-experiment phase 1.1."""
+    shutil.copytree(ROOT / "hpc", tmp_path / "hpc", ignore=shutil.ignore_patterns("logs"))
+    write_phase(tmp_path, "lc4: {model.latent_channels: 4}")
+    return tmp_path
+
+
+def spec_of(repo: Path) -> PhaseSpec:
+    return load_phase("1.1", repo)
+
+
+def test_shipped_profiles():
+    shapes = {
+        name: (p.gpus_per_node, p.parallel_jobs)
+        for name in ("v100", "l40s", "local-test")
+        for p in [load_profile(ROOT, name)]
+    }
+    assert shapes == {"v100": (4, 4), "l40s": (2, 2), "local-test": (2, 2)}
+    assert load_profile(ROOT, "local-test").partition == "debug"  # hpc/testing/start_cluster.sh
+
+
+def test_dry_run_prints_the_sbatch_command_and_the_script(hpc_repo, capsys):
+    profile = load_profile(hpc_repo, "v100")
+    assert submit(hpc_repo, spec_of(hpc_repo), "v100", dry_run=True) == 0
+    out = capsys.readouterr().out
+    command, _, script = out.partition("\n")
+    repo = hpc_repo.resolve()
+    for option in [
+        "sbatch --parsable --job-name=aeselect-phase1_1 --partition=gpu-v100",
+        "--gres=gpu:4 --cpus-per-task=32 --mem=180G --time=24:00:00",
+        "--signal=B:USR1@300 --requeue --open-mode=append",
+        f"--output={repo}/hpc/logs/phase1_1-%j.out --chdir={repo}",
+        "--export=ALL,AESELECT_PHASE=1.1,AESELECT_JOBS=4,"
+        f"AESELECT_RESUME_DIR={repo}/.dvc/tmp/aeselect-resume",
+    ]:
+        assert option in command
+    assert "--account" not in command
+    assert "module load cuda/12.4\nsource .venv/bin/activate\n" in script
+    assert "# aeselect:setup\n" not in script
+    assert command.split() == sbatch_command(repo, spec_of(hpc_repo), profile)
+    assert not (hpc_repo / "hpc" / "logs").exists()  # a dry run writes nothing
+
+
+def set_profile(repo: Path, name: str, old: str, new: str) -> None:
+    path = repo / "hpc" / "clusters.yaml"
+    text = path.read_text()
+    start = text.index(f"\n{name}:\n")
+    assert old in text[start:], old
+    path.write_text(text[:start] + text[start:].replace(old, new, 1))
+
+
+SETUP = "setup:\n    - module load cuda/12.4\n    - source .venv/bin/activate\n"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("parallel_jobs: 2", "parallel_jobs: 3", r"l40s\.parallel_jobs: 3 is more than gpus_per_"),
+        ('time: "24:00:00"', "time: 24:00:00", r"l40s\.time: expected str, got 86400 \(quote it"),
+        ('time: "24:00:00"', 'time: "1 day"', r"l40s\.time: '1 day'; expected HH:MM:SS"),
+        ("warn_seconds: 300", "warn_seconds: 90000", r"l40s\.warn_seconds: 90000; must be"),
+        ("mem: 96G", "mem: lots", r"l40s\.mem: 'lots'; expected e\.g\. 64G"),
+        ("partition: gpu-l40s", "partition: a b", r"l40s\.partition: 'a b' is not a plain"),
+        ("cpus_per_task: 16", "cpus_per_task: 1", r"l40s\.cpus_per_task: 1 cores cannot give"),
+        ("mem: 96G", "memory: 96G", r"l40s\.memory: unknown key"),
+        ("  mem: 96G\n", "", r"l40s\.mem: missing"),
+        (SETUP, "setup: source .venv/bin/activate\n", r"l40s\.setup: expected list"),
+    ],
+)
+def test_profile_errors_name_the_file_and_key(hpc_repo, old, new, message):
+    set_profile(hpc_repo, "l40s", old, new)
+    with pytest.raises(PhaseError, match=rf"^hpc/clusters\.yaml: {message}"):
+        load_profile(hpc_repo, "l40s")
+
+
+def test_unknown_profile_lists_the_known_ones(hpc_repo):
+    with pytest.raises(PhaseError, match=r"no profile 'a100' \(profiles: v100, l40s, local-test\)"):
+        load_profile(hpc_repo, "a100")
+
+
+def test_paths_that_reach_sbatch_are_plain(hpc_repo, tmp_path, monkeypatch):
+    odd = tmp_path / "my,repo"
+    shutil.copytree(hpc_repo, odd)
+    with pytest.raises(PhaseError, match=r"repository path .*my,repo.*no spaces, commas or %"):
+        submit(odd, spec_of(odd), "local-test", dry_run=True)
+    # resume_dir expands $VARS at submit time; what they expand to is checked too.
+    set_profile(hpc_repo, "l40s", "warn_seconds: 300\n", "warn_seconds: 300\n  resume_dir: $R\n")
+    monkeypatch.setenv("R", "/scratch/x y")
+    with pytest.raises(PhaseError, match=r"l40s\.resume_dir '/scratch/x y': sbatch needs plain"):
+        submit(hpc_repo, spec_of(hpc_repo), "l40s", dry_run=True)
+    monkeypatch.setenv("R", "/scratch/me/resume")
+    submit(hpc_repo, spec_of(hpc_repo), "l40s", dry_run=True)
+
+
+def test_submit_without_sbatch_says_where_to_run(hpc_repo, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(PhaseError, match="sbatch is not on PATH: run this on a SLURM login node"):
+        submit(hpc_repo, spec_of(hpc_repo), "local-test", dry_run=False)
+
+
+# ---- the batch script on the test cluster, with a stand-in drainer --------------------------
+
+# `python` for the job alone (first on the PATH it inherits): records its arguments, and on its
+# first run answers SIGUSR1 like the drainer: a moment later (the trainings save snapshots) it
+# exits 75. After the requeue it exits FAKE_RC.
+FAKE_DRAINER = """\
+#!/bin/bash
+echo "fake drainer: $* resume_dir_exists=$([[ -d $AESELECT_RESUME_DIR ]] && echo yes)"
+if [[ ${SLURM_RESTART_COUNT:-0} -gt 0 || -n ${FAKE_RC_NOW:-} ]]; then exit "$FAKE_RC"; fi
+trap 'echo "fake drainer: USR1"; stop=1' USR1
+stop=0
+touch "$FAKE_DIR/started"
+for _ in $(seq 600); do
+    if [[ $stop -eq 1 ]]; then sleep 1; exit 75; fi
+    sleep 0.1
+done
+exit 9
+"""
+
+
+@pytest.fixture
+def fake_drainer(tmp_path, monkeypatch, slurm_cluster) -> Path:
+    """A project whose job runs FAKE_DRAINER; the test submits through submit() in-process."""
+    project = make_project(tmp_path / "project", TINY)
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(FAKE_DRAINER)
+    (bin_dir / "python").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.slurm_conf))
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
+    return project
+
+
+def submitted_job(output: str) -> int:
+    match = re.search(r"Submitted batch job (\d+)", output)
+    assert match, output
+    return int(match[1])
+
+
+@pytest.mark.slurm
+def test_batch_script_relays_usr1_and_requeues_on_75(
+    slurm_cluster, fake_drainer, capsys, monkeypatch
+):
+    project = fake_drainer
+    monkeypatch.setenv("FAKE_RC", "0")
+    submit(project, load_phase("1.1", project / "phases"), "local-test", dry_run=False)
+    job = submitted_job(capsys.readouterr().out)
+    slurm_cluster.wait_for_file(project.parent / "started", timeout=30)
+    # Two warnings in a row: the script's `wait` returns early on each; it must still wait for
+    # the drainer's own exit code, 75, and requeue the job exactly once.
+    slurm_cluster.signal(job, "USR1")
+    slurm_cluster.signal(job, "USR1")
+    result = slurm_cluster.wait(job, timeout=60)
+    out = (project / "hpc" / "logs" / f"phase1_1-{job}.out").read_text()
+    assert result.ok, f"{result}\n{out}"
+    assert result.info["Restarts"] == "1", out
+    assert "SLURM_RESTART_COUNT=0 CUDA_VISIBLE_DEVICES=0,1" in out
+    assert f"fake drainer: -m aeselect phase drain 1.1 -j 2 --repo {project}" in out
+    assert "resume_dir_exists=yes" in out
+    assert "fake drainer: USR1" in out
+    assert out.count("drainer exited 75") == 1 and out.count(f"requeued job {job}") == 1
+    assert "SLURM_RESTART_COUNT=1" in out and out.rstrip().endswith("drainer exited 0")
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("code", [1, 3])
+def test_batch_script_exits_with_the_drainers_code(
+    slurm_cluster, fake_drainer, capsys, monkeypatch, code
+):
+    monkeypatch.setenv("FAKE_RC", str(code))
+    monkeypatch.setenv("FAKE_RC_NOW", "1")
+    submit(fake_drainer, load_phase("1.1", fake_drainer / "phases"), "local-test", dry_run=False)
+    result = slurm_cluster.wait(submitted_job(capsys.readouterr().out), timeout=30)
+    assert (result.state, result.exit_code, result.info["Restarts"]) == ("FAILED", code, "0")
+
+
+# ---- whole phases drained by real jobs --------------------------------------------------------
+
+
+def phase_project(tmp_path: Path, experiments: str) -> Path:
+    project = make_project(tmp_path / "project", TINY)
+    for path in (project / "phases").glob("phase*.yaml"):
+        path.unlink()
+    write_phase(project / "phases", experiments)
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "slurm test phase")
+    return project
+
+
+def job_env(slurm_cluster) -> dict[str, str]:
+    """The cluster's SLURM_CONF with this test's PATH (venv first) and Git identity."""
+    env = {**slurm_cluster.env, "PATH": f"{os.environ['PATH']}{os.pathsep}/usr/sbin"}
+    env |= {k: v for k, v in os.environ.items() if k.startswith(("GIT_", "DVC_"))}
+    return env
+
+
+def aeselect(project: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "aeselect", "phase", *args, "--repo", str(project)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def submit_phase(project: Path, env: dict[str, str]) -> int:
+    submitted = aeselect(project, env, "submit", "1.1", "--cluster", "local-test")
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted_job(submitted.stdout)
+
+
+def job_log(project: Path, job: int) -> str:
+    return (project / "hpc" / "logs" / f"phase1_1-{job}.out").read_text()
+
+
+def results(project: Path) -> dict[str, dict]:
+    frame = collect_results(project, load_phase("1.1", project / "phases"))
+    return {row["experiment"]: row for row in frame.to_dict("records")}
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_phase_drains_in_one_job_one_gpu_per_experiment(slurm_cluster, tmp_path):
+    project = phase_project(
+        tmp_path,
+        """\
+        lc2: {model.latent_channels: 2}
+        lc4: {model.latent_channels: 4}
+        lc8: {model.latent_channels: 8}
+        """,
+    )
+    env = job_env(slurm_cluster)
+    job = submit_phase(project, env)
+    result = slurm_cluster.wait(job, timeout=240)
+    assert result.ok, f"{result}\n{job_log(project, job)}"
+    rows = results(project)
+    assert sorted(rows) == ["p1-1-lc2", "p1-1-lc4", "p1-1-lc8"]
+    assert all(row["state"] == "Success" and row["mse"] > 0 for row in rows.values()), rows
+    # Each training claims the first free GPU id: id 1 is taken only while another experiment
+    # holds id 0, so both ids showing up means two experiments ran side by side on two GPUs.
+    gpus = {re.search(r"claimed GPU id (\d+)", row["device"])[1] for row in rows.values()}
+    assert gpus == {"0", "1"}, rows
+    assert f"job {job} SLURM_RESTART_COUNT=0 CUDA_VISIBLE_DEVICES=0,1" in job_log(project, job)
+
+
+def train_metrics(project: Path, name: str) -> dict:
+    """A finished experiment's train summary without the timing and device, which may differ."""
+    for baseline in exp_show(project):
+        for exp in baseline.get("experiments") or []:
+            if exp.get("name") == name:
+                data = exp["revs"][0]["data"]["metrics"]["results/train/metrics.json"]["data"]
+                return {k: v for k, v in data.items() if k not in {*TIMING, "device"}}
+    raise AssertionError(f"{name} not in dvc exp show")
+
+
+LONG = {
+    "model.latent_channels": 4,
+    "train.max_steps": 300,
+    "train.log_every": 5,
+    "train.eval_every": 50,
+}
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preempted_job_requeues_and_resumes_bit_identically(slurm_cluster, tmp_path):
+    params = ", ".join(f"{k}: {v}" for k, v in LONG.items())
+    project = phase_project(tmp_path, f"long: {{{params}}}")
+    env = job_env(slurm_cluster)
+    job = submit_phase(project, env)
+    # The training logs every 5 steps in its temporary workspace (.dvc/tmp/exps/standalone/tmp*):
+    # signal once it is under way.
+    curves = ".dvc/tmp/exps/*/*/results/train/plots/metrics/loss/total.tsv"
+    deadline = time.monotonic() + 120
+    while not any(len(p.read_text().splitlines()) > 3 for p in project.glob(curves)):
+        running = slurm_cluster.state(job) in {"PENDING", "CONFIGURING", "RUNNING"}
+        assert running and time.monotonic() < deadline, job_log(project, job)
+        time.sleep(0.2)
+    slurm_cluster.signal(job, "USR1")  # what --signal=B:USR1@N sends before the time limit
+    result = slurm_cluster.wait(job, timeout=180)
+    out = job_log(project, job)
+    assert result.ok, f"{result}\n{out}"
+    assert result.info["Restarts"] == "1", out
+    assert "SLURM_RESTART_COUNT=1" in out and "drainer exited 75" in out
+    experiment_log = (project / "hpc" / "logs" / f"phase1_1-{job}-p1-1-long.log").read_text()
+    stopped = int(re.search(r"stopped at step (\d+)", experiment_log)[1])
+    assert 0 < stopped < LONG["train.max_steps"], experiment_log
+    assert f"resumed at step {stopped}" in experiment_log
+
+    # The same run uninterrupted, with the thread count the drainer gave (cores / 2 jobs);
+    # --force: not the run cache's copy of the drained result.
+    sets = [arg for k, v in LONG.items() for arg in ("-S", f"{k}={v}")]
+    straight = subprocess.run(
+        ["dvc", "exp", "run", "--temp", "--force", "-n", "straight", *sets],
+        cwd=project,
+        env={**env, "AESELECT_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    assert train_metrics(project, "p1-1-long") == train_metrics(project, "straight")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_failed_experiment_fails_the_job_and_is_reported(slurm_cluster, tmp_path):
+    project = phase_project(
+        tmp_path,
+        """\
+        ok: {model.latent_channels: 4}
+        broken: {model.latent_channels: 2, data.root: data/missing}
+        """,
+    )
+    env = job_env(slurm_cluster)
+    job = submit_phase(project, env)
+    result = slurm_cluster.wait(job, timeout=180)
+    out = job_log(project, job)
+    assert (result.state, result.exit_code) == ("FAILED", 1), f"{result}\n{out}"
+    assert results(project)["p1-1-ok"]["state"] == "Success"
+    status = aeselect(project, env, "status", "1.1")
+    assert status.returncode == 1, status.stdout + status.stderr
+    line = next(ln for ln in status.stdout.splitlines() if "p1-1-broken" in ln)
+    assert "failed" in line, status.stdout
+    log = project / re.search(r"log: (\S+)", line)[1]
+    assert "data/missing" in log.read_text()
+    assert str(log.relative_to(project)) in out  # the drainer named it in the job log too
+
+
+@pytest.mark.slow
+def test_second_drainer_on_a_repository_refuses(tmp_path):
+    project = phase_project(tmp_path, "lc4: {model.latent_channels: 4}")
+    env = dict(os.environ)
+    queued = aeselect(project, env, "queue", "1.1")
+    assert queued.returncode == 0, queued.stderr
+    drain = [sys.executable, "-m", "aeselect", "phase", "drain", "1.1", "--repo", str(project)]
+    first = subprocess.Popen(drain, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not list(project.glob("hpc/logs/phase1_1-*-p1-1-lc4.log")):  # it holds the lock
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+        time.sleep(0.1)
+    second = subprocess.run(drain, env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 3, second.stderr
+    assert "another drainer" in second.stderr and "one drainer per repository" in second.stderr
+    output = first.communicate(timeout=120)[0].decode()
+    assert first.returncode == 0, output
+    assert results(project)["p1-1-lc4"]["state"] == "Success"
