@@ -16,9 +16,7 @@ import torch
 
 from aeselect.cluster.gpu import claim_gpu
 from aeselect.config import TrainConfig
-
-# Set by the cluster glue (one GPU and cores/N threads per parallel experiment).
-THREADS_ENV = "AESELECT_NUM_THREADS"
+from aeselect.envvars import THREADS_ENV
 
 
 @dataclass(frozen=True)

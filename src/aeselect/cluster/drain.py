@@ -30,9 +30,9 @@ from typing import Any
 
 from aeselect.config import flatten
 from aeselect.dvc import dvc_env, dvc_executable
+from aeselect.envvars import THREADS_ENV
 from aeselect.phases.experiments import DRAIN_DIR, dvc_command, exp_show, git, queue_states
 from aeselect.phases.spec import PhaseError, PhaseSpec
-from aeselect.runtime import THREADS_ENV
 from aeselect.training.resume import PIDFILE_ENV, PREEMPTED_EXIT_CODE
 
 LOG_DIR = Path("hpc/logs")
@@ -211,6 +211,7 @@ class Drainer:
         claims = read_claims(self.repo, self.spec)
         claim_queued(self.repo, self.spec, claims)
         todo = [c for c in claims.values() if c.status in ("claimed", "running", "interrupted")]
+        self.jobs = max(1, min(self.jobs, len(todo)))  # fewer experiments: more threads each
         while todo or self.running:
             while todo and len(self.running) < self.jobs and self.stop_signal is None:
                 self.start(todo.pop(0))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aeselect.config import apply_overrides, from_dict, parse_assignment
 from aeselect.dvc import run_dvc, start_queue_workers
+from aeselect.envvars import THREADS_ENV
 from aeselect.phases.experiments import TERMINAL, dirty_paths, queue_phase, queue_states
 from aeselect.phases.spec import PhaseError, PhaseSpec, all_phases, load_phase
 
@@ -55,7 +56,8 @@ def wait_for_phase(repo: Path, spec: PhaseSpec, jobs: int, *, echo=print) -> dic
     gets workers started again; a Stuck task (its worker was killed) is reported, not waited on.
     """
     names = list(spec.names())
-    env = {"AESELECT_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    jobs = max(1, min(jobs, len(names)))  # a one-experiment phase gets every core
+    env = {THREADS_ENV: str(max(1, (os.cpu_count() or 1) // jobs))}
     start_queue_workers(jobs, repo, env)
     seen: dict[str, str] = {}
     stuck_since: dict[str, float] = {}

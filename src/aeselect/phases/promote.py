@@ -35,6 +35,7 @@ HEADLINE = [
     "train_time_s",
     "gates.pass_all",
 ]
+HANDOFF_FILE = "export/autoencoder.pt"  # aeselect.handoff.EXPORT_PATH, without importing torch
 SEED_CRITERIA = {"mse": ("<", 0.01), "psnr": (">", 30.0)}
 
 
@@ -210,8 +211,8 @@ def final_summary(repo: Path, decision: dict[str, Any], row: pd.Series) -> dict[
         "checkpoint": {
             "experiment": decision["winner"],
             "rev": rev,
-            "path": "models/best.pt",
-            "get": f"dvc get . models/best.pt --rev {rev} -o autoencoder.pt",
+            "path": HANDOFF_FILE,
+            "get": f"dvc get . {HANDOFF_FILE} --rev {rev} -o autoencoder.pt",
             "python": f"aeselect.load_autoencoder(rev='{rev}')",
         },
         "metrics": metrics,

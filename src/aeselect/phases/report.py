@@ -7,9 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
 from aeselect.phases.decide import Ranking, column, rank
@@ -140,6 +138,9 @@ def charts(table: pd.DataFrame, curves: pd.DataFrame, report_dir: Path) -> None:
 
 def detail_zoom(grid: Image.Image, image_size: int, factor: int = 4) -> Image.Image:
     """The busiest quarter of the first image, enlarged: fine detail is where blur shows."""
+    import numpy as np
+    import torch
+
     from aeselect.imageops import sobel_magnitude
 
     step = image_size + GRID_PADDING
