@@ -5,10 +5,11 @@ them the environment of whoever started the first one (so no per-experiment GPU)
 killed with SIGKILL leaves its task "Running" forever. Here the experiments stay declared with
 `dvc exp run --queue`; the drainer claims each Queued task (a durable record under
 .dvc/tmp/aeselect-drain/ is written first, then the task leaves DVC's queue) and runs it as its
-own child `dvc exp run --temp` with one GPU and cores/N threads. Every claimed experiment ends
-Success, Failed (with its log) or Interrupted; an interrupted one (the job was signalled; its
-training left a resume snapshot) runs again when the job is requeued, so each queued experiment
-completes exactly once.
+own child `dvc exp run --temp` with one GPU of the allocation (the drainer narrows
+CUDA_VISIBLE_DEVICES; the training's lock-file claim then only confirms it) and cores/N threads.
+Every claimed experiment ends Success, Failed (with its log) or Interrupted; an interrupted one
+(the job was signalled; its training left a resume snapshot) runs again when the job is
+requeued, so each queued experiment completes exactly once.
 
 Exit codes: 0 all of the phase succeeded, 1 some failed, 75 stopped by SIGUSR1/SIGTERM (requeue
 me), 3 another drainer holds this repository.
@@ -153,6 +154,10 @@ class Drainer:
         self.job_id = os.environ.get("SLURM_JOB_ID", f"local{os.getpid()}")
         self.running: dict[str, subprocess.Popen] = {}
         self.stop_signal: int | None = None
+        # GPUs of the allocation, handed out one per running experiment and taken back at its end.
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        self.free_gpus = [d.strip() for d in visible.split(",") if d.strip()]
+        self.gpu_of: dict[str, str] = {}
 
     def on_signal(self, signum: int, frame: Any) -> None:
         """Stop starting experiments; ask running trainings to snapshot and exit (once)."""
@@ -171,12 +176,12 @@ class Drainer:
         log.parent.mkdir(parents=True, exist_ok=True)
         pidfile = self.repo / DRAIN_DIR / f"{claim.name}.pid"
         pidfile.unlink(missing_ok=True)
-        env = dvc_env(
-            {
-                THREADS_ENV: str(max(1, _cpus() // self.jobs)),
-                PIDFILE_ENV: str(pidfile),
-            }
-        )
+        # Threads depend on -j only, never on how many experiments remain: a resumed run must
+        # compute with the same thread count to stay bit-identical.
+        extra = {THREADS_ENV: str(max(1, _cpus() // self.jobs)), PIDFILE_ENV: str(pidfile)}
+        if self.free_gpus:
+            self.gpu_of[claim.name] = extra["CUDA_VISIBLE_DEVICES"] = self.free_gpus.pop(0)
+        env = dvc_env(extra)
         args = dvc_command(claim.name, claim.overrides)
         args[args.index("--queue")] = "--temp"
         with log.open("a") as out:
@@ -194,9 +199,12 @@ class Drainer:
         claim.status, claim.log = "running", str(log.relative_to(self.repo))
         claim.jobs.append(self.job_id)
         claim.save(self.repo)
-        print(f"[drain] {claim.name}: started, log {claim.log}", file=sys.stderr)
+        gpu = self.gpu_of.get(claim.name, "none")
+        print(f"[drain] {claim.name}: started on GPU {gpu}, log {claim.log}", file=sys.stderr)
 
     def finish(self, claim: Claim, returncode: int) -> None:
+        if claim.name in self.gpu_of:
+            self.free_gpus.append(self.gpu_of.pop(claim.name))
         claim.returncode = returncode
         if returncode == 0:
             claim.status = "success"
@@ -211,7 +219,6 @@ class Drainer:
         claims = read_claims(self.repo, self.spec)
         claim_queued(self.repo, self.spec, claims)
         todo = [c for c in claims.values() if c.status in ("claimed", "running", "interrupted")]
-        self.jobs = max(1, min(self.jobs, len(todo)))  # fewer experiments: more threads each
         while todo or self.running:
             while todo and len(self.running) < self.jobs and self.stop_signal is None:
                 self.start(todo.pop(0))
