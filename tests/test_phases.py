@@ -249,6 +249,9 @@ def test_two_phases_chain_through_queue_run_compare_promote(project):
     aeselect(project, "queue", "1.1")
     again = aeselect(project, "queue", "1.1").stdout
     assert "p1-1-lc2: already queued" in again  # never clobbers an existing name
+    # exp show lists queued experiments like finished ones; promotion must not be fooled.
+    early = aeselect(project, "promote", "1.1", check=False)
+    assert early.returncode == 2 and "p1-1-lc2 (queued)" in early.stderr
 
     run = aeselect(project, "run", "1.1", "-j", "2")
     assert "p1-1-lc4: success" in run.stdout

@@ -172,8 +172,9 @@ def exp_show(repo: Path) -> list[dict[str, Any]]:
 def collect_results(repo: Path, spec: PhaseSpec) -> pd.DataFrame:
     """One row per experiment of the phase: state, baseline, rev, params and flattened metrics.
 
-    Failed experiments keep their row (state Failed) without metrics, never the baseline's.
-    When a name occurs more than once, the newest experiment wins, as in DVC's own lookup.
+    Failed experiments keep their row (state Failed) without metrics, never the baseline's; an
+    experiment not in exp show at all is Missing. When a name occurs more than once, the newest
+    experiment wins, as in DVC's own lookup.
     """
     names = spec.names()
     rows: dict[str, dict[str, Any]] = {}
@@ -201,4 +202,10 @@ def collect_results(repo: Path, spec: PhaseSpec) -> pd.DataFrame:
             previous = rows.get(name)
             if previous is None or (row["timestamp"] or "") >= (previous["timestamp"] or ""):
                 rows[name] = row
-    return pd.DataFrame(list(rows.values()))
+    # exp show lists a queued or running experiment like a finished one: the queue knows better.
+    states = queue_states(repo)
+    for name, key in names.items():
+        row = rows.setdefault(name, {"experiment": name, "key": key, "state": "Missing"})
+        if name in states and states[name].status != "Success":
+            row["state"] = states[name].status
+    return pd.DataFrame([rows[name] for name in names])

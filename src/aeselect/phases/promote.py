@@ -108,8 +108,8 @@ def promote(
         )
     results = collect_results(repo, spec)
     names = spec.names()
-    states = dict(zip(results.get("experiment", []), results.get("state", []), strict=True))
-    unfinished = {n: states.get(n, "Missing") for n in names if states.get(n) != "Success"}
+    states = dict(zip(results["experiment"], results["state"], strict=True))
+    unfinished = {n: s for n, s in states.items() if s != "Success"}
     if unfinished and pick is None:
         listing = ", ".join(f"{n} ({s.lower()})" for n, s in unfinished.items())
         raise PhaseError(

@@ -11,7 +11,7 @@ import pandas as pd
 from PIL import Image
 
 from aeselect.phases.decide import Ranking, column, rank
-from aeselect.phases.experiments import collect_results, queue_states
+from aeselect.phases.experiments import collect_results
 from aeselect.phases.promote import HEADLINE, read_decision
 from aeselect.phases.spec import REPORTS_DIR, PhaseSpec
 
@@ -25,20 +25,6 @@ class Comparison:
     results: pd.DataFrame
     ranking: Ranking | None
     report_dir: Path
-
-
-def phase_results(repo: Path, spec: PhaseSpec) -> pd.DataFrame:
-    """collect_results, with queue states (Queued/Running/Stuck) overriding exp show's view."""
-    results = collect_results(repo, spec)
-    states = queue_states(repo)
-    rows = []
-    for name in spec.names():
-        found = results[results["experiment"] == name] if len(results) else results
-        row = found.iloc[0].to_dict() if len(found) else {"experiment": name, "state": "Missing"}
-        if name in states and states[name].status not in ("Success",):
-            row["state"] = states[name].status
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def _open_output(repo: Path, path: str, rev: str) -> bytes:
@@ -172,7 +158,7 @@ def detail_zoom(grid: Image.Image, image_size: int, factor: int = 4) -> Image.Im
 
 
 def compare(repo: Path, spec: PhaseSpec) -> Comparison:
-    results = phase_results(repo, spec)
+    results = collect_results(repo, spec)
     report_dir = repo / REPORTS_DIR / spec.id
     report_dir.mkdir(parents=True, exist_ok=True)
     done = results[results["state"] == "Success"]
