@@ -359,15 +359,11 @@ def _input_folders(cfg: Config, out_dir: Path) -> tuple[Path, Path, list[str]]:
 
 
 def _jobs(
-    cfg: Config,
-    root: Path,
-    rels: list[str],
-    mask_root: Path,
-    masks: dict[str, str],
-    rejected: list[tuple[str, str]],
-) -> list[_Job]:
-    """One decoding job per image; with masks in use, an image without one goes to `rejected`."""
-    jobs = []
+    cfg: Config, root: Path, rels: list[str], mask_root: Path, masks: dict[str, str]
+) -> tuple[list[_Job], list[tuple[str, str]]]:
+    """(one decoding job per image, rejected rows): with masks in use, each image needs one."""
+    jobs, rejected = [], []
+    size, num_classes = cfg.data.image_size, cfg.data.num_classes
     for rel in rels:
         stem = Path(rel).with_suffix("").as_posix()
         mask_rel = masks.get(stem, "")
@@ -375,9 +371,8 @@ def _jobs(
             rejected.append((rel, f"no mask at {mask_root / stem}.*"))
         else:
             mask_path = mask_root / mask_rel if mask_rel else None
-            size, num_classes = cfg.data.image_size, cfg.data.num_classes
             jobs.append(_Job(rel, root / rel, mask_path, mask_rel, size, num_classes))
-    return jobs
+    return jobs, rejected
 
 
 def prepare(cfg: Config, out_dir: Path, workers: int | None = None) -> PrepareSummary:
@@ -387,11 +382,12 @@ def prepare(cfg: Config, out_dir: Path, workers: int | None = None) -> PrepareSu
     """
     out_dir, size = Path(out_dir), cfg.data.image_size
     root, mask_root, found = _input_folders(cfg, out_dir)
-    readable, rejected = _readable_names(found)
+    readable, bad_names = _readable_names(found)
     rels = _limit(readable, cfg.seed, cfg.data.num_images)
     masks = _mask_index(mask_root)
     aux_task, aux_classes = ("segmentation", cfg.data.num_classes) if masks else ("edges", 2)
-    jobs = _jobs(cfg, root, rels, mask_root, masks, rejected)
+    jobs, no_masks = _jobs(cfg, root, rels, mask_root, masks)
+    rejected = bad_names + no_masks
     fail = cfg.data.on_bad_file == "fail"
     if rejected and fail:
         raise PrepareError(_fail_message(*rejected[0]))
