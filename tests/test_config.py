@@ -65,6 +65,26 @@ def test_unknown_section():
         ({"loss": {"aux_weight": -0.1}}, r"loss\.aux_weight: must be >= 0"),
         ({"data": {"num_classes": 300}}, r"data\.num_classes: must be in \[2, 255\]"),
         ({"model": "wide"}, r"model: must be a mapping"),
+        ({"train": {"lr": float("inf")}}, r"train\.lr: must be a finite number, got inf"),
+        ({"train": {"lr": "inf"}}, r"train\.lr: must be a finite number"),
+        ({"loss": {"mse_weight": float("inf")}}, r"loss\.mse_weight: must be a finite number"),
+        ({"loss": {"kl_weight": "-inf"}}, r"loss\.kl_weight: must be a finite number"),
+        ({"loss": {"aux_weight": float("nan")}}, r"loss\.aux_weight: must be a finite number"),
+        ({"evaluate": {"min_psnr": float("inf")}}, r"evaluate\.min_psnr: must be a finite"),
+        ({"evaluate": {"min_psnr": -1}}, r"evaluate\.min_psnr: must be in \[0, 100\] dB"),
+        ({"evaluate": {"min_psnr": 120}}, r"evaluate\.min_psnr: must be in \[0, 100\] dB"),
+        ({"evaluate": {"max_mse": 1.5}}, r"evaluate\.max_mse: must be in \(0, 1\]"),
+        ({"evaluate": {"max_mse": 0}}, r"evaluate\.max_mse: must be in \(0, 1\]"),
+        (
+            {"evaluate": {"min_compression_ratio": float("inf")}},
+            r"evaluate\.min_compression_ratio: must be a finite number",
+        ),
+        ({"evaluate": {"max_spike_ratio": 0.5}}, r"evaluate\.max_spike_ratio: must be >= 1"),
+        ({"data": {"num_images": 0}}, r"data\.num_images: must be >= 2 \(synthetic scenes"),
+        (
+            {"data": {"source": "folder", "num_images": 1}},
+            r"data\.num_images: must be 0 \(every image under data\.root\) or >= 2",
+        ),
     ],
 )
 def test_wrong_types_and_ranges(raw, message):
@@ -128,3 +148,5 @@ def test_parse_assignment_reads_yaml_values():
     )
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_assignment("model.variational")
+    with pytest.raises(ConfigError, match=r"train\.lr: must be a finite number, got inf"):
+        from_dict(apply_overrides({}, dict([parse_assignment("train.lr=.inf")])))

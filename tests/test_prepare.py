@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +230,11 @@ def test_bad_masks_are_rejected(tmp_path: Path) -> None:
     raw, masks = tmp_path / "raw", tmp_path / "masks"
     for rel in ("ok.png", "big_mask.png", "high_id.png", "rgb_mask.png", "broken_mask.png"):
         _good(raw, rel)
+    _good(raw, "negative.png")
+    signed = np.zeros((20, 24), dtype=np.int32)
+    signed[3, 4] = -1  # would wrap to class 255 as uint8
+    _save(masks / "negative.tif", Image.fromarray(signed))
+    assert _read(masks / "negative.tif").mode == "I"
     _save(masks / "ok.png", np.zeros((20, 24), dtype=np.uint8))
     _save(masks / "big_mask.png", np.zeros((21, 24), dtype=np.uint8))
     _save(masks / "high_id.png", np.full((20, 24), 7, dtype=np.uint8))
@@ -238,11 +245,72 @@ def test_bad_masks_are_rejected(tmp_path: Path) -> None:
 
     reasons = _rejected(tmp_path / "out")
     assert reasons["big_mask.png"] == "mask big_mask.png is 24x21 but the image is 24x20"
-    assert "mask class id 7" in reasons["high_id.png"]
+    assert "mask class id 7 in high_id.png" in reasons["high_id.png"]
     assert "data.num_classes=5" in reasons["high_id.png"]
+    assert reasons["negative.png"].startswith("mask class id -1 in negative.tif is negative")
     assert "mode RGB" in reasons["rgb_mask.png"]
     assert reasons["broken_mask.png"].startswith("mask broken_mask.png: ")
-    assert len(reasons) == 4
+    assert len(reasons) == 5
+
+
+def test_file_names_that_are_not_utf8_are_rejected(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    _good(raw, "a.png")
+    _good(raw, "b.png", seed=1)
+    _good(raw, os.fsdecode(b"caf\xe9.png"), seed=2)  # 'café' in Latin-1
+    _good(raw, os.fsdecode(b"d\xff/c.png"), seed=3)  # a folder name is part of the path
+    summary = prepare(_cfg(tmp_path), tmp_path / "out")
+
+    reason = "file name is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf-8)"
+    assert _rejected(tmp_path / "out") == {"caf\\xe9.png": reason, "d\\xff/c.png": reason}
+    assert (summary.num_train + summary.num_val, summary.num_rejected) == (2, 2)
+    assert [row["path"] for row in _csv(tmp_path / "out" / "manifest.csv")] == ["a.png", "b.png"]
+    with pytest.raises(PrepareError, match=r"caf\\xe9\.png: file name is not valid UTF-8"):
+        prepare(_cfg(tmp_path, on_bad_file="fail"), tmp_path / "out")
+
+
+def test_identical_images_share_a_split(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    (raw / "copies").mkdir(parents=True)
+    for i in range(12):
+        original = _good(raw, f"img{i:02d}.png", seed=i)
+        shutil.copy(original, raw / "copies" / f"dup{i:02d}.png")
+    prepare(_cfg(tmp_path, val_fraction=0.5), tmp_path / "out")
+
+    splits: dict[str, set[str]] = {}
+    for row in _csv(tmp_path / "out" / "manifest.csv"):
+        splits.setdefault(row["sha256"], set()).add(row["split"])
+    assert len(splits) == 12
+    assert all(len(split) == 1 for split in splits.values())  # no image in both train and val
+    assert set().union(*splits.values()) == {"train", "val"}
+    # Forcing a split non-empty moves every copy: ["x", "x", "y"] never puts an "x" in both.
+    assert split_for(["x", "x", "y"], seed=0, val_fraction=1e-9) in (
+        ["val", "val", "train"],
+        ["train", "train", "val"],
+    )
+
+
+def test_copies_of_one_image_are_not_a_dataset(tmp_path: Path) -> None:
+    original = _good(tmp_path / "raw", "a.png")
+    shutil.copy(original, tmp_path / "raw" / "b.png")
+    with pytest.raises(PrepareError, match=r"2 usable image\(s\) \(1 distinct\).*2 distinct"):
+        prepare(_cfg(tmp_path), tmp_path / "out")
+
+
+def test_num_images_takes_a_seeded_subset_of_a_folder(tmp_path: Path) -> None:
+    for i in range(8):
+        _good(tmp_path / "raw", f"img{i}.png", seed=i)
+    taken = {}
+    for limit in (0, 3, 5):
+        prepare(_cfg(tmp_path, num_images=limit), tmp_path / f"n{limit}")
+        manifest = _csv(tmp_path / f"n{limit}" / "manifest.csv")
+        taken[limit] = [row["path"] for row in manifest]
+        meta = json.loads((tmp_path / f"n{limit}" / "meta.json").read_text())
+        assert (meta["num_found"], meta["num_images"]) == (8, len(taken[limit]))
+        assert meta["num_over_limit"] == 8 - len(taken[limit])
+    assert len(taken[0]) == 8 and len(taken[3]) == 3 and len(taken[5]) == 5
+    assert taken[3] == sorted(taken[3]) != taken[0][:3]  # spread over the folder, in path order
+    assert set(taken[3]) < set(taken[5])  # a larger limit only adds images
 
 
 def test_inputs_are_never_modified(tmp_path: Path) -> None:

@@ -8,12 +8,16 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY
 
 from aeselect.cluster import gpu
-from aeselect.config import from_dict
-from aeselect.data.dataset import StepBatchSampler
+from aeselect.config import apply_overrides, from_dict
+from aeselect.data.dataset import PreparedData, StepBatchSampler
+from aeselect.data.prepare import prepare
 from aeselect.model import AutoencoderOutput
-from aeselect.training.loop import NonFiniteLossError, _raise_if_nonfinite, lr_at
+from aeselect.stages import open_live
+from aeselect.training.checkpoint import LAST, load_checkpoint
+from aeselect.training.loop import NonFiniteLossError, _raise_if_nonfinite, lr_at, train
 from aeselect.training.loss import compute_loss
 
 
@@ -113,3 +117,30 @@ def test_parallel_experiments_claim_different_gpus(tmp_path, monkeypatch):
         holder.communicate("\n")
     out, _ = claim().communicate("\n")
     assert out.split()[0] == "3"  # locks die with their processes
+
+
+@pytest.fixture
+def one_thread():
+    """Train on one thread (several threads crawl on a busy 2-core machine); restored after."""
+    threads = torch.get_num_threads()
+    yield {"train.num_threads": 1, "train.device": "cpu"}
+    torch.set_num_threads(threads)
+
+
+def test_images_per_s_of_a_resumed_run_counts_every_step(tmp_path, one_thread):
+    """train_time_s sums the time of every segment, so images_per_s must count all their steps."""
+    cfg = from_dict(apply_overrides({}, TINY | one_thread | {"train.max_steps": 3}))
+    prepare(cfg, tmp_path / "prepared")
+    data = PreparedData.load(tmp_path / "prepared")
+    with open_live(tmp_path / "live") as live:
+        first = train(cfg, data, tmp_path / "models", live)
+    last = load_checkpoint(tmp_path / "models" / LAST)
+    earlier_seconds = 1000.0  # as if the first segment had run on a slow node
+    state = {key: last[key] for key in ("model", "optimizer", "step", "best_val_mse", "best_step")}
+    state |= {"loss_history": [1.0] * 3, "val_history": [first.best_val_mse]}
+    state |= {"train_seconds": earlier_seconds}
+    resumed = from_dict(apply_overrides(cfg.to_dict(), {"train.max_steps": 6}))
+    with open_live(tmp_path / "live", resume=True) as live:
+        result = train(resumed, data, tmp_path / "models", live, resume_state=state)
+    assert result.train_time_s > earlier_seconds
+    assert result.images_per_s == pytest.approx(6 * TINY["train.batch_size"] / result.train_time_s)

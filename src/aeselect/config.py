@@ -10,6 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +36,26 @@ class DataConfig:
     root: str = "data/raw"
     mask_root: str = "data/masks"
     image_size: int = 64
-    num_images: int = 320
+    num_images: int = 320  # synthetic: scenes generated; folder: at most this many (0 = all)
     val_fraction: float = 0.2
     num_classes: int = 5
     on_bad_file: Literal["skip", "fail"] = "skip"
 
     def validate(self) -> None:
         _check(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")
-        _check(self.num_images >= 2, "data.num_images", f"must be >= 2, got {self.num_images}")
+        if self.source == "folder":
+            _check(
+                self.num_images == 0 or self.num_images >= 2,
+                "data.num_images",
+                f"must be 0 (every image under data.root) or >= 2 (at most that many), "
+                f"got {self.num_images}",
+            )
+        else:
+            _check(
+                self.num_images >= 2,
+                "data.num_images",
+                f"must be >= 2 (synthetic scenes to generate), got {self.num_images}",
+            )
         _check(
             0.0 < self.val_fraction < 1.0,
             "data.val_fraction",
@@ -171,7 +184,19 @@ class EvaluateConfig:
             "evaluate.num_sample_images",
             f"must be >= 1, got {self.num_sample_images}",
         )
-        _check(self.max_mse > 0, "evaluate.max_mse", f"must be > 0, got {self.max_mse}")
+        # Gates on images in [0, 1]: MSE lies in [0, 1], so PSNR (data range 1) is >= 0 dB.
+        _check(
+            0 < self.max_mse <= 1,
+            "evaluate.max_mse",
+            f"must be in (0, 1] (images are in [0, 1], so 1 passes every model), "
+            f"got {self.max_mse}",
+        )
+        _check(
+            0 <= self.min_psnr <= 100,
+            "evaluate.min_psnr",
+            f"must be in [0, 100] dB (0 passes every model; 100 dB is an MSE of 1e-10), "
+            f"got {self.min_psnr}",
+        )
         _check(
             self.min_compression_ratio > 0,
             "evaluate.min_compression_ratio",
@@ -281,6 +306,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             key,
             f"must be a number, got {value!r}",
         )
+        # No knob means anything at inf or NaN; range checks alone would let inf through.
+        _check(math.isfinite(value), key, f"must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         _check(isinstance(value, str), key, f"must be a string, got {value!r}")

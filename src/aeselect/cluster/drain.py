@@ -148,6 +148,56 @@ def _cpus() -> int:
     return int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
 
 
+def _state_and_parent(pid: int) -> tuple[str, int]:
+    """From /proc/<pid>/stat; the name before them may hold spaces and ')', so split after it."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    state, parent = stat[stat.rindex(")") + 2 :].split()[:2]
+    return state, int(parent)
+
+
+def is_live_descendant(pid: int, ancestor: int) -> bool:
+    """Whether `pid` runs (not a zombie) below `ancestor` in the process tree."""
+    try:
+        state, parent = _state_and_parent(pid)
+        if state in ("Z", "X"):
+            return False
+        while parent != ancestor:
+            if parent <= 1:
+                return False
+            parent = _state_and_parent(parent)[1]
+    except OSError:  # exited while we walked, or not ours to read (hidepid)
+        return False
+    return True
+
+
+def signal_descendant(pid: int, ancestor: int, signum: int) -> bool:
+    """Send `signum` to `pid` only while it is a live descendant of `ancestor`; True if sent.
+
+    A pid read from a file may belong to a process that has exited, its number since reused by
+    another. A pidfd pins the process before the check, so a pid reused between the check and
+    the signal is never hit (kernels before 5.3 lack pidfd_open: then os.kill follows the check).
+    """
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError:  # ENOSYS: no pidfd_open in this kernel
+        pidfd = None
+    try:
+        if not is_live_descendant(pid, ancestor):
+            return False
+        if pidfd is None:
+            os.kill(pid, signum)
+        else:
+            signal.pidfd_send_signal(pidfd, signum)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
 class Drainer:
     def __init__(self, repo: Path, spec: PhaseSpec, jobs: int):
         self.repo, self.spec, self.jobs = repo, spec, jobs
@@ -165,11 +215,13 @@ class Drainer:
             return
         self.stop_signal = signum
         print(f"[drain] signal {signum}: stopping; running trainings snapshot", file=sys.stderr)
-        for name in self.running:
+        for name, process in self.running.items():
             pidfile = self.repo / DRAIN_DIR / f"{name}.pid"
-            # Not training yet: its current stage finishes, or SLURM's SIGTERM reaches it.
-            with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-                os.kill(int(pidfile.read_text()), signal.SIGUSR1)
+            # Not training (yet, or any more): its current stage finishes, or SLURM's SIGTERM
+            # reaches it. The pid is signalled only while a live process under this experiment's
+            # `dvc exp run` holds it: a stale file's pid may now be any other process's.
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                signal_descendant(int(pidfile.read_text()), process.pid, signal.SIGUSR1)
 
     def start(self, claim: Claim) -> None:
         log = self.repo / LOG_DIR / f"{self.spec.path.stem}-{self.job_id}-{claim.name}.log"

@@ -54,7 +54,6 @@ class _Rejected(Exception):
 class PrepareSummary:
     """What the stage produced, for the CLI to print and tests to check."""
 
-    out_dir: Path
     aux_task: str  # "segmentation" (mask class ids) or "edges" (binary edge map)
     aux_classes: int
     num_train: int
@@ -140,15 +139,20 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         raise _Rejected(f"unsupported image mode {image.mode}") from None
 
 
-def _mask_ids(mask: Image.Image, num_classes: int) -> Image.Image:
-    """A single-channel mask of class ids (L, P palette indices, 1, I;16) -> mode L."""
+def _mask_ids(mask: Image.Image, num_classes: int, mask_rel: str) -> Image.Image:
+    """A single-channel mask of class ids (L, P palette indices, 1, I;16, I) -> mode L."""
     if mask.mode not in ("L", "P", "1", "I", "I;16", "I;16B", "I;16L"):
         raise _Rejected(f"mask has mode {mask.mode}; masks must be single-channel class ids")
     ids = np.asarray(mask)
-    top = int(ids.max())
+    low, top = int(ids.min()), int(ids.max())
+    if low < 0:  # mode I is signed 32-bit: -1 would wrap to 255 in uint8
+        raise _Rejected(
+            f"mask class id {low} in {mask_rel} is negative; class ids run from 0 (background) "
+            f"to data.num_classes-1={num_classes - 1}: fix the mask"
+        )
     if top >= num_classes:
         raise _Rejected(
-            f"mask class id {top} >= data.num_classes={num_classes}; "
+            f"mask class id {top} in {mask_rel} >= data.num_classes={num_classes}; "
             "raise data.num_classes or fix the mask"
         )
     return Image.fromarray(ids.astype(np.uint8))
@@ -190,7 +194,7 @@ def _load(job: _Job) -> _Sample | _Rejected:
                     f"mask {job.mask_rel} is {mask.size[0]}x{mask.size[1]} "
                     f"but the image is {width}x{height}"
                 )
-            ids = _mask_ids(mask, job.num_classes)
+            ids = _mask_ids(mask, job.num_classes, job.mask_rel)
             target = np.asarray(ids.resize(square, Image.Resampling.NEAREST, box=box))
     except _Rejected as reason:
         return reason
@@ -241,27 +245,64 @@ class _NpyRows:
         self.file.close()
 
 
-def _val_score(seed: int, rel: str) -> float:
-    """A stable pseudo-random fraction per file: adding files never moves the others."""
-    digest = hashlib.sha256(f"{seed}:{rel}".encode()).digest()
+def _score(seed: int, key: str) -> float:
+    """A stable pseudo-random fraction per key: adding keys never moves the others."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_for(rels: list[str], seed: int, val_fraction: float) -> list[str]:
-    """'train'/'val' per path: score < val_fraction -> val.
+def split_for(contents: list[str], seed: int, val_fraction: float) -> list[str]:
+    """'train'/'val' per image, decided by its content hash: score < val_fraction -> val.
 
-    With 2+ images both splits are guaranteed non-empty: if no image landed in val, the one with
-    the lowest score (the closest to val) moves there; if none landed in train, the one with the
-    highest score moves to train. Only such a forced image can change when files are added.
+    Equal contents (the same image under two names) always share a split, so val never holds
+    a copy of a training image. With 2+ distinct contents both splits are guaranteed non-empty:
+    if no content landed in val, the one with the lowest score (the closest to val) moves there;
+    if none landed in train, the one with the highest score moves to train. Only such a forced
+    content can change split when files are added.
     """
-    scores = [_val_score(seed, rel) for rel in rels]
-    splits = ["val" if s < val_fraction else "train" for s in scores]
-    if len(rels) >= 2:
-        if "val" not in splits:
-            splits[scores.index(min(scores))] = "val"
-        if "train" not in splits:
-            splits[scores.index(max(scores))] = "train"
-    return splits
+    scores = {content: _score(seed, content) for content in contents}
+    val = {content for content, score in scores.items() if score < val_fraction}
+    if len(scores) >= 2:
+        if not val:
+            val.add(min(scores, key=scores.__getitem__))
+        if len(val) == len(scores):
+            val.remove(max(scores, key=scores.__getitem__))
+    return ["val" if content in val else "train" for content in contents]
+
+
+def _readable_names(rels: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(paths whose names are UTF-8, rejected rows for the others): manifests and DVC store text.
+
+    A rejected name is listed with its undecodable bytes as \\xNN escapes.
+    """
+    readable, rejected = [], []
+    for rel in rels:
+        name = os.fsencode(rel)
+        try:
+            name.decode("utf-8")
+        except UnicodeDecodeError:
+            reason = "file name is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf-8)"
+            rejected.append((name.decode("utf-8", "backslashreplace"), reason))
+        else:
+            readable.append(rel)
+    return readable, rejected
+
+
+def _limit(rels: list[str], seed: int, limit: int) -> list[str]:
+    """At most `limit` paths (0: all), a seeded pseudo-random subset kept in path order.
+
+    A larger limit only adds paths to a smaller one's subset; rejected files are not replaced.
+    """
+    if not limit or len(rels) <= limit:
+        return rels
+    taken = set(sorted(rels, key=lambda rel: _score(seed, f"subset:{rel}"))[:limit])
+    log.warning(
+        "data.num_images=%d: taking %d of the %d images found (set data.num_images=0 for all)",
+        limit,
+        limit,
+        len(rels),
+    )
+    return [rel for rel in rels if rel in taken]
 
 
 def _check_separate(out_dir: Path, *inputs: Path) -> None:
@@ -284,7 +325,7 @@ def _clear_outputs(out_dir: Path) -> None:
 
 
 def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
@@ -317,16 +358,12 @@ def _input_folders(cfg: Config, out_dir: Path) -> tuple[Path, Path, list[str]]:
     return root, mask_root, rels
 
 
-def prepare(cfg: Config, out_dir: Path, workers: int | None = None) -> PrepareSummary:
-    """Build manifest.csv, images.npy, targets.npy, rejected.csv and meta.json in `out_dir`.
-
-    `workers` decoding threads (default: up to 8, one per CPU); the output does not depend on it.
-    """
-    out_dir, size = Path(out_dir), cfg.data.image_size
-    root, mask_root, rels = _input_folders(cfg, out_dir)
-    masks = _mask_index(mask_root)
-    aux_task, aux_classes = ("segmentation", cfg.data.num_classes) if masks else ("edges", 2)
+def _jobs(
+    cfg: Config, root: Path, rels: list[str], mask_root: Path, masks: dict[str, str]
+) -> tuple[list[_Job], list[tuple[str, str]]]:
+    """(one decoding job per image, rejected rows): with masks in use, each image needs one."""
     jobs, rejected = [], []
+    size, num_classes = cfg.data.image_size, cfg.data.num_classes
     for rel in rels:
         stem = Path(rel).with_suffix("").as_posix()
         mask_rel = masks.get(stem, "")
@@ -334,7 +371,23 @@ def prepare(cfg: Config, out_dir: Path, workers: int | None = None) -> PrepareSu
             rejected.append((rel, f"no mask at {mask_root / stem}.*"))
         else:
             mask_path = mask_root / mask_rel if mask_rel else None
-            jobs.append(_Job(rel, root / rel, mask_path, mask_rel, size, cfg.data.num_classes))
+            jobs.append(_Job(rel, root / rel, mask_path, mask_rel, size, num_classes))
+    return jobs, rejected
+
+
+def prepare(cfg: Config, out_dir: Path, workers: int | None = None) -> PrepareSummary:
+    """Build manifest.csv, images.npy, targets.npy, rejected.csv and meta.json in `out_dir`.
+
+    `workers` decoding threads (default: up to 8, one per CPU); the output does not depend on it.
+    """
+    out_dir, size = Path(out_dir), cfg.data.image_size
+    root, mask_root, found = _input_folders(cfg, out_dir)
+    readable, bad_names = _readable_names(found)
+    rels = _limit(readable, cfg.seed, cfg.data.num_images)
+    masks = _mask_index(mask_root)
+    aux_task, aux_classes = ("segmentation", cfg.data.num_classes) if masks else ("edges", 2)
+    jobs, no_masks = _jobs(cfg, root, rels, mask_root, masks)
+    rejected = bad_names + no_masks
     fail = cfg.data.on_bad_file == "fail"
     if rejected and fail:
         raise PrepareError(_fail_message(*rejected[0]))
@@ -358,27 +411,29 @@ def prepare(cfg: Config, out_dir: Path, workers: int | None = None) -> PrepareSu
 
     rejected_csv = out_dir / "rejected.csv"
     _write_csv(rejected_csv, ("path", "reason"), sorted(rejected))
-    if len(infos) < 2:
+    contents = [info.sha256 for info in infos]
+    if len(set(contents)) < 2:
         raise PrepareError(
-            f"{len(infos)} usable image(s) of {len(rels)} under {root}; at least 2 are needed "
-            f"(one train, one val): see {rejected_csv} for why files were rejected"
+            f"{len(infos)} usable image(s) ({len(set(contents))} distinct) of {len(found)} "
+            f"under {root}; at least 2 distinct ones are needed (one train, one val; identical "
+            f"files share a split): see {rejected_csv} for why files were rejected"
         )
-    splits = split_for([info.rel for info in infos], cfg.seed, cfg.data.val_fraction)
+    splits = split_for(contents, cfg.seed, cfg.data.val_fraction)
     rows = [
         (f.rel, f.mask_rel, split, f.width, f.height, f.sha256, index)
         for index, (f, split) in enumerate(zip(infos, splits, strict=True))
     ]
     _write_csv(out_dir / "manifest.csv", MANIFEST_COLUMNS, rows)
     num_val = splits.count("val")
-    summary = PrepareSummary(
-        out_dir, aux_task, aux_classes, len(infos) - num_val, num_val, len(rejected)
-    )
+    summary = PrepareSummary(aux_task, aux_classes, len(infos) - num_val, num_val, len(rejected))
     meta = {
         "source": cfg.data.source,
         "root": root.as_posix(),
         "aux_task": aux_task,
         "aux_classes": aux_classes,
         "image_size": size,
+        "num_found": len(found),
+        "num_over_limit": len(readable) - len(rels),  # left out by data.num_images
         "num_images": len(infos),
         "num_train": summary.num_train,
         "num_val": num_val,

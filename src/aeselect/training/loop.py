@@ -35,7 +35,6 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    steps: int
     best_val_mse: float
     best_step: int
     train_time_s: float
@@ -249,8 +248,8 @@ def train(
             )
     progress.close()
 
-    trained_steps = cfg.train.max_steps - start_step
-    images_per_s = trained_steps * cfg.train.batch_size / max(train_seconds, 1e-9)
+    # train_seconds spans every segment of a resumed run, so the steps counted must too.
+    images_per_s = cfg.train.max_steps * cfg.train.batch_size / max(train_seconds, 1e-9)
     live.log_metric("best/val_mse", best_val_mse, plot=False)
     live.log_metric("best/step", best_step, plot=False)
     live.log_metric("train_time_s", train_seconds, plot=False)
@@ -259,4 +258,4 @@ def train(
     for name, value in metrics.training_stability(loss_history, val_history).items():
         live.log_metric(f"stability/{name}", value, plot=False)
     live.make_summary()  # records the final step (a resumed Live would keep the snapshot's)
-    return TrainResult(cfg.train.max_steps, best_val_mse, best_step, train_seconds, images_per_s)
+    return TrainResult(best_val_mse, best_step, train_seconds, images_per_s)
