@@ -32,8 +32,8 @@ def _check(ok: bool, key: str, message: str) -> None:
 @dataclass(frozen=True)
 class DataConfig:
     source: Literal["synthetic", "folder"] = "synthetic"
-    root: str = "data/raw"
-    mask_root: str = "data/masks"
+    root: str = "data/raw/images"
+    mask_root: str = "data/raw/masks"
     image_size: int = 64
     num_images: int = 320
     val_fraction: float = 0.2
