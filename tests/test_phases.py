@@ -247,11 +247,11 @@ CHAIN_1_2 = """\
     id: "1.2"
     title: second
     requires: "1.1"
-    selects: [loss.aux_weight]
+    selects: [loss.aux_weight, data.source]
     experiments:
-      aux0: {loss.aux_weight: 0.0}
-      aux5: {loss.aux_weight: 0.5}
-      broken: {loss.aux_weight: 0.2, data.root: data/missing}
+      aux0: {loss.aux_weight: 0.0, data.source: synthetic}
+      aux5: {loss.aux_weight: 0.5, data.source: synthetic}
+      broken: {loss.aux_weight: 0.2, data.source: folder}  # data/raw/images does not exist
     decide:
       metric: mse
       direction: min
@@ -334,7 +334,7 @@ def test_two_phases_chain_through_queue_run_compare_promote(project):
     failed_line = next(line for line in status.stdout.splitlines() if "p1-2-broken" in line)
     assert "failed" in failed_line and "log: .dvc/tmp/exps/run/" in failed_line
     log = project / failed_line.split("log: ")[1].strip()
-    assert "data/missing" in log.read_text()
+    assert "data/raw/images does not exist" in log.read_text()
 
     aeselect(project, "compare", "1.2")
     compared = pd.read_csv(project / "phases" / "reports" / "1.2" / "metrics.csv")
