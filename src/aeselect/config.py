@@ -379,7 +379,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             f"{path}: not found; run from the project root or pass --params"
         ) from None
     try:
-        raw = yaml.load(text, Loader=UniqueKeyLoader)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)  # safe_load, plus unique keys
     except DuplicateKeyError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
