@@ -1,9 +1,10 @@
 """DVC benchmarks: per-experiment overhead against DVC's floor, and a queued phase at -j 1 / -j 2.
 
 Stage processes are timed from inside the real DVC runs: a `python` shim first on PATH (the stage
-commands are `PYTHONPATH=src python -m aeselect <stage>`) logs each stage's start, end, thread
-setting and, after `train`, a copy of results/train/metrics.json; then it exits with the stage's
-status. DVC's own executable is launched through its shebang, so only stage commands hit the shim.
+commands are `PYTHONPATH=src python -m aeselect.stages <stage>`) logs each stage's start, end,
+thread setting and, after `train`, a copy of results/train/metrics.json; then it exits with the
+stage's status. DVC's own executable is launched through its shebang, so only stage commands hit
+the shim.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from _common import (
 )
 
 SHIM = """#!/bin/sh
-# aeselect bench: time stage commands (python -m aeselect STAGE) as DVC runs them.
+# aeselect bench: time stage commands (python -m aeselect.stages STAGE) as DVC runs them.
 start=$(date +%s.%N)
 "{python}" "$@"
 rc=$?

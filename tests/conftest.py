@@ -90,3 +90,21 @@ def make_project(directory: Path, params: dict | None = None) -> Path:
 @pytest.fixture
 def project(tmp_path) -> Path:
     return make_project(tmp_path / "project", TINY)
+
+
+def write_pngs(folder: Path, count: int, size: int = 32) -> list[Path]:
+    """`count` small RGB PNG files of seeded shaded squares: real images for the folder source."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(count)
+    ramp = np.broadcast_to(np.linspace(0, 1, size)[:, None, None], (size, size, 1))
+    paths = []
+    for i in range(count):
+        image = ramp * rng.uniform(0, 255, 3) + (1 - ramp) * rng.uniform(0, 255, 3)
+        lo, hi = sorted(rng.integers(0, size, 2))
+        image[lo : hi + 1, lo : hi + 1] = rng.uniform(0, 255, 3)
+        paths.append(folder / f"image{i:02d}.png")
+        Image.fromarray(image.astype(np.uint8)).save(paths[-1])
+    return paths

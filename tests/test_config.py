@@ -12,6 +12,7 @@ from aeselect.config import (
     from_dict,
     load_config,
     parse_assignment,
+    read_yaml,
     valid_keys,
 )
 
@@ -139,6 +140,18 @@ def test_load_config_prefixes_the_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_key_given_twice_is_refused_not_overwritten(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("model:\n  latent_channels: 4\n  base_channels: 8\n  latent_channels: 8\n")
+    with pytest.raises(
+        ConfigError, match=rf"{path}: model\.latent_channels: given twice, at lines 2 and 4"
+    ):
+        load_config(path)
+    # Anchors, aliases and merge keys stay valid YAML: a merge may override what it merges.
+    path.write_text("base: &b {x: 1}\nsame: *b\nmerged:\n  <<: *b\n  x: 2\n")
+    assert read_yaml(path) == {"base": {"x": 1}, "same": {"x": 1}, "merged": {"x": 2}}
 
 
 def test_parse_assignment_reads_yaml_values():

@@ -87,6 +87,44 @@ def test_shipped_phases_follow_the_plan():
         ),
         ('id: "1.1"', 'id: "1.2"', r"id is '1\.2' but the file name says 1\.1"),
         ("direction: min", "direction: down", r"decide\.direction: must be min or max"),
+        (
+            "tolerance: 0.05",
+            "tolerence: 0.05",
+            r"decide: tolerence: unknown key; did you mean 'tolerance'\?",
+        ),
+        (
+            "metric: mse",
+            "metric: mes",
+            r"decide\.metric: mes: unknown metric of the train/evaluate stages; did you mean 'mse'",
+        ),
+        (
+            "tie_breakers: []",
+            "tie_breakers: [{metric: cost.param, direction: min}]",
+            r"decide\.tie_breakers\[0\]\.metric: cost\.param: unknown metric.*'cost\.params'",
+        ),
+        (
+            "tie_breakers: []",
+            "tie_breakers: [{metric: cost.params, direction: min, weight: 2}]",
+            r"decide\.tie_breakers\[0\]: weight: unknown key",
+        ),
+        (
+            "lc4: {model.latent_channels: 4}",
+            "lc2: {model.latent_channels: 4}",
+            r"experiments\.lc2: given twice, at lines 6 and 7",
+        ),
+        (
+            "requires: null",
+            'requires: "1.0"',
+            r"requires: phase 1\.0 has no file .*phase1_0\.yaml \(phase files here: phase1_1\)",
+        ),
+        ("requires: null", 'requires: "1.1"', r"requires: a phase cannot require itself"),
+        ("metric: mse, ", "", r"decide: missing key .metric."),
+        (
+            "lc4: {model.latent_channels: 4}",
+            "lc4: {model.latent_channels: 4, train.lr: 0.01}",
+            r"experiments\.lc4: sets 'train\.lr', which this phase does not select",
+        ),
+        ("title: t", "title: t\n    repeat: 3", r"phase1_1.yaml: repeat: unknown key"),
     ],
 )
 def test_phase_file_errors_name_the_file_and_key(tmp_path, old, new, message):
@@ -209,11 +247,11 @@ CHAIN_1_2 = """\
     id: "1.2"
     title: second
     requires: "1.1"
-    selects: [loss.aux_weight]
+    selects: [loss.aux_weight, data.source]
     experiments:
-      aux0: {loss.aux_weight: 0.0}
-      aux5: {loss.aux_weight: 0.5}
-      broken: {loss.aux_weight: 0.2, data.root: data/missing}
+      aux0: {loss.aux_weight: 0.0, data.source: synthetic}
+      aux5: {loss.aux_weight: 0.5, data.source: synthetic}
+      broken: {loss.aux_weight: 0.2, data.source: folder}  # data/raw/images does not exist
     decide:
       metric: mse
       direction: min
@@ -296,7 +334,7 @@ def test_two_phases_chain_through_queue_run_compare_promote(project):
     failed_line = next(line for line in status.stdout.splitlines() if "p1-2-broken" in line)
     assert "failed" in failed_line and "log: .dvc/tmp/exps/run/" in failed_line
     log = project / failed_line.split("log: ")[1].strip()
-    assert "data/missing" in log.read_text()
+    assert "data/raw/images does not exist" in log.read_text()
 
     aeselect(project, "compare", "1.2")
     compared = pd.read_csv(project / "phases" / "reports" / "1.2" / "metrics.csv")

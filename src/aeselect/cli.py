@@ -1,4 +1,4 @@
-"""`aeselect` command line: stage entries for dvc.yaml, config checks, phases and the demo.
+"""`aeselect` command line: config checks, phases, the demo, and the stages by hand.
 
 Heavy modules (torch, dvclive) are imported inside the commands that need them, so that
 `aeselect phase status` and config errors answer quickly.
@@ -15,11 +15,9 @@ from aeselect.config import PARAMS_FILE, ConfigError, load_config
 
 def _stage(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from aeselect import stages
+        from aeselect.stages import main as run_stage
 
-        cfg = load_config(args.params)
-        getattr(stages, f"run_{name}")(cfg)
-        return 0
+        return run_stage([name, "--params", args.params])
 
     return run
 

@@ -33,8 +33,8 @@ def _check(ok: bool, key: str, message: str) -> None:
 @dataclass(frozen=True)
 class DataConfig:
     source: Literal["synthetic", "folder"] = "synthetic"
-    root: str = "data/raw"
-    mask_root: str = "data/masks"
+    root: str = "data/raw/images"
+    mask_root: str = "data/raw/masks"
     image_size: int = 64
     num_images: int = 320  # synthetic: scenes generated; folder: at most this many (0 = all)
     val_fraction: float = 0.2
@@ -315,10 +315,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {annotation!r} for {key}")  # pragma: no cover
 
 
-def _unknown_key(key: str, candidates: list[str]) -> ConfigError:
+def unknown_key(key: str, candidates: list[str], what: str = "key") -> ConfigError:
+    """`key: unknown <what>`, naming the closest candidate (or all of them)."""
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(candidates)}"
-    return ConfigError(f"{key}: unknown key{hint}")
+    return ConfigError(f"{key}: unknown {what}{hint}")
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -330,7 +331,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in fields:
-            raise _unknown_key(f"{prefix}{key}", [f"{prefix}{k}" for k in fields])
+            raise unknown_key(f"{prefix}{key}", [f"{prefix}{k}" for k in fields])
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, f"{prefix}{key}.")
@@ -350,7 +351,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     known = valid_keys()
     for dotted, value in overrides.items():
         if dotted not in known:
-            raise _unknown_key(dotted, known)
+            raise unknown_key(dotted, known)
         node = merged
         *parents, leaf = dotted.split(".")
         for part in parents:
@@ -359,7 +360,44 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return merged
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one mapping, which PyYAML would resolve silently (the last wins)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader, refusing duplicate keys: YAML requires unique keys, and a sweep
+    with two experiments of one name, or a params file setting a key twice, must not lose one."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._refuse_duplicates(node, "", set())
+        return super().construct_document(node)
+
+    def _refuse_duplicates(self, node: yaml.Node, prefix: str, seen: set[int]) -> None:
+        if id(node) in seen:  # an alias: checked where its anchor was
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._refuse_duplicates(item, f"{prefix}[{i}]", seen)
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue  # `<<:` merges may override keys; complex keys stay SafeLoader's
+                key = self.construct_object(key_node)
+                dotted = f"{prefix}.{key}" if prefix else str(key)
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise DuplicateKeyError(
+                        f"{dotted}: given twice, at lines {first[key]} and {line}; YAML keys "
+                        "are unique (PyYAML would keep the last silently): keep one"
+                    )
+                first[key] = line
+                self._refuse_duplicates(value_node, dotted, seen)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML mapping file (safe loader, duplicate keys refused); errors name the file."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -368,7 +406,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             f"{path}: not found; run from the project root or pass --params"
         ) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)  # safe_load, plus unique keys
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return raw if raw is not None else {}

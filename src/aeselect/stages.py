@@ -1,15 +1,24 @@
 """The DVC stages as thin entries over library code: each takes the validated config and delegates.
 
+dvc.yaml runs `python -m aeselect.stages <stage>`, not the `aeselect` CLI, whose parser imports
+the phase and demo code: a stage's code is this module's top-level imports plus what its own
+`run_<stage>` imports, which is what dvc.yaml's deps must list (tests/test_dvc_deps.py checks it).
 Imports happen inside each entry so a stage loads only what it uses (prepare needs no dvclive).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-from aeselect.config import Config
+from aeselect.config import PARAMS_FILE, Config, ConfigError, load_config
+
+STAGES = ("prepare", "train", "evaluate")
+# The folder dvc.yaml's prepare stage depends on, kept in Git (its README.md) so that it exists in
+# every clone; images and masks go in subfolders that `dvc add` tracks, and a missing one is fine.
+INPUT_DIR = Path("data/raw")
 
 
 def open_live(directory: Path, resume: bool = False):
@@ -19,10 +28,24 @@ def open_live(directory: Path, resume: bool = False):
     return Live(str(directory), dvcyaml=None, save_dvc_exp=False, report=None, resume=resume)
 
 
+def check_inputs_tracked(cfg: Config) -> None:
+    """A folder source must lie inside INPUT_DIR: DVC would not notice changes anywhere else."""
+    if cfg.data.source != "folder":
+        return
+    for key, folder in (("data.root", cfg.data.root), ("data.mask_root", cfg.data.mask_root)):
+        if not Path(folder).resolve().is_relative_to(INPUT_DIR.resolve()):
+            raise ConfigError(
+                f"{key}: {folder} is outside {INPUT_DIR}, the folder the prepare stage depends "
+                f"on in dvc.yaml, so DVC would not re-run prepare when its files change; copy "
+                f"the files to a folder under {INPUT_DIR} (then `dvc add` it) and point {key} there"
+            )
+
+
 def run_prepare(cfg: Config) -> None:
     from aeselect.data.dataset import PREPARED_DIR
     from aeselect.data.prepare import prepare
 
+    check_inputs_tracked(cfg)
     summary = prepare(cfg, PREPARED_DIR)
     print(f"[prepare] {summary}", file=sys.stderr)
 
@@ -59,3 +82,22 @@ def run_evaluate(cfg: Config) -> None:
     export_autoencoder(MODELS_DIR / BEST, summary["latent"]["scale_factor"], EXPORT_PATH)
     headline = {key: summary[key] for key in ("mse", "psnr", "ssim", "edge_f1")}
     print(f"[evaluate] latent {summary['latent']['shape']} {json.dumps(headline)}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m aeselect.stages <stage> [--params FILE]`; a config error exits 2, no traceback."""
+    parser = argparse.ArgumentParser(prog="python -m aeselect.stages", description=__doc__)
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    entry = globals()[f"run_{args.stage}"]
+    try:
+        entry(load_config(args.params))
+    except ConfigError as err:
+        print(f"aeselect: config error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

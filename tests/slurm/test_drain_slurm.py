@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT, TINY, git, make_project
 
 from aeselect.cluster.slurm import load_profile, sbatch_command, submit
@@ -27,7 +28,6 @@ PHASE = """\
 id: "1.1"
 title: slurm
 requires: null
-selects: [model.latent_channels]
 decide: {metric: mse, direction: min, tolerance: 0.05, tie_breakers: []}
 experiments:
 """
@@ -35,9 +35,13 @@ TIMING = {"train_time_s", "images_per_s"}
 
 
 def write_phase(directory: Path, experiments: str) -> Path:
+    """Phase 1.1 with these experiments, selecting every key they set (a phase must)."""
     lines = textwrap.dedent(experiments).splitlines()
+    parsed = yaml.safe_load("\n".join(lines))
+    selects = ", ".join(sorted({key for params in parsed.values() for key in params}))
+    header = PHASE.replace("experiments:", f"selects: [{selects}]\nexperiments:")
     path = directory / "phase1_1.yaml"
-    path.write_text(PHASE + "".join(f"  {line}\n" for line in lines))
+    path.write_text(header + "".join(f"  {line}\n" for line in lines))
     return path
 
 

@@ -7,13 +7,20 @@ file and the key.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from aeselect.config import ConfigError, apply_overrides, from_dict, valid_keys
+from aeselect.config import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    read_yaml,
+    unknown_key,
+    valid_keys,
+)
+from aeselect.phases.metric_names import STAGE_METRICS, is_stage_metric
 
 PHASES_DIR = Path("phases")
 DECISIONS_DIR = PHASES_DIR / "decisions"
@@ -21,6 +28,12 @@ REPORTS_DIR = PHASES_DIR / "reports"
 # Experiment keys become part of DVC experiment names, i.e. Git ref names: keep them plain.
 EXPERIMENT_KEY = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
 PHASE_ID = re.compile(r"^\d+\.\d+$")
+# The keys a phase file must hold; those it may hold (an optional key is added to PHASE_KEYS only,
+# e.g. REQUIRED_PHASE_KEYS + ("repeats",)); those of `decide:` and of one criterion.
+REQUIRED_PHASE_KEYS = ("id", "title", "requires", "selects", "experiments", "decide")
+PHASE_KEYS = REQUIRED_PHASE_KEYS
+DECIDE_KEYS = ("metric", "direction", "tolerance", "tie_breakers")
+CRITERION_KEYS = ("metric", "param", "direction")
 
 
 class PhaseError(ValueError):
@@ -75,11 +88,18 @@ def phase_path(phase_id: str, phases_dir: Path = PHASES_DIR) -> Path:
     return phases_dir / f"phase{phase_id.replace('.', '_')}.yaml"
 
 
+def _check_keys(raw: dict, allowed: Collection[str], where: str) -> None:
+    """Refuse a key outside `allowed`, naming the closest valid one (a typo is never dropped)."""
+    for key in raw:
+        if key not in allowed:
+            raise PhaseError(f"{where}: {unknown_key(str(key), list(allowed))}")
+
+
 def _criterion(raw: Any, where: str) -> Criterion:
     if not isinstance(raw, dict):
         raise PhaseError(f"{where}: expected a mapping like {{metric: mse, direction: min}}")
-    unknown = set(raw) - {"metric", "param", "direction"}
-    if unknown or len({"metric", "param"} & set(raw)) != 1:
+    _check_keys(raw, CRITERION_KEYS, where)
+    if len({"metric", "param"} & set(raw)) != 1:
         raise PhaseError(f"{where}: give exactly one of `metric:` or `param:`, plus `direction:`")
     direction = raw.get("direction")
     if direction not in ("min", "max"):
@@ -88,22 +108,71 @@ def _criterion(raw: Any, where: str) -> Criterion:
     key = str(raw[source])
     if source == "param" and key not in valid_keys():
         raise PhaseError(f"{where}.param: {key!r} is not a params.yaml key")
+    if source == "metric" and not is_stage_metric(key):
+        known = unknown_key(key, list(STAGE_METRICS), what="metric of the train/evaluate stages")
+        raise PhaseError(f"{where}.metric: {known}")
     return Criterion(key, direction, source)
 
 
+def _decision_rule(raw: Any, path: Path) -> DecisionRule:
+    where = f"{path}: decide"
+    if not isinstance(raw, dict):
+        raise PhaseError(f"{where}: expected a mapping with {', '.join(DECIDE_KEYS)}")
+    _check_keys(raw, DECIDE_KEYS, where)
+    for key in ("metric", "direction"):
+        if key not in raw:
+            raise PhaseError(f"{where}: missing key {key!r}")
+    tolerance = raw.get("tolerance", 0.0)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
+        raise PhaseError(f"{where}.tolerance: must be a number in [0, 1), got {tolerance!r}")
+    if not 0 <= tolerance < 1:
+        raise PhaseError(f"{where}.tolerance: must be in [0, 1), got {tolerance}")
+    tie_breakers = raw.get("tie_breakers") or []
+    if not isinstance(tie_breakers, list):
+        raise PhaseError(f"{where}.tie_breakers: expected a list of {{metric|param, direction}}")
+    return DecisionRule(
+        primary=_criterion({"metric": raw.get("metric"), "direction": raw.get("direction")}, where),
+        tolerance=float(tolerance),
+        tie_breakers=tuple(
+            _criterion(item, f"{where}.tie_breakers[{i}]") for i, item in enumerate(tie_breakers)
+        ),
+    )
+
+
+def _required_phase(raw: Any, phase_id: str, path: Path, phases_dir: Path) -> str | None:
+    """`requires:` names an existing phase file (or is null), never this phase itself."""
+    if raw is None:
+        return None
+    required = str(raw)
+    if not PHASE_ID.match(required):
+        raise PhaseError(f"{path}: requires: expected a phase id like 1.1 or null, got {raw!r}")
+    if required == phase_id:
+        raise PhaseError(f"{path}: requires: a phase cannot require itself")
+    if not phase_path(required, phases_dir).exists():
+        known = sorted(p.stem for p in phases_dir.glob("phase*.yaml"))
+        raise PhaseError(
+            f"{path}: requires: phase {required} has no file "
+            f"{phase_path(required, phases_dir)} (phase files here: {', '.join(known)})"
+        )
+    return required
+
+
 def load_phase(phase_id: str, phases_dir: Path = PHASES_DIR) -> PhaseSpec:
+    """Read and fully validate one phase file: every mistake is reported here, before any run."""
     path = phase_path(phase_id, phases_dir)
     if not path.exists():
         known = sorted(p.stem for p in phases_dir.glob("phase*.yaml"))
         raise PhaseError(f"{path}: no such phase file (phase files here: {', '.join(known)})")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = read_yaml(path)  # duplicate keys (e.g. two experiments of one name) refused
+    except ConfigError as err:
+        raise PhaseError(str(err)) from None
     if not isinstance(raw, dict):
-        raise PhaseError(f"{path}: expected a mapping with id, title, selects, experiments, decide")
-    expected = {"id", "title", "requires", "selects", "experiments", "decide"}
-    for key in raw.keys() - expected:
-        raise PhaseError(f"{path}: unknown key {key!r}; expected {sorted(expected)}")
-    for key in expected - raw.keys():
-        raise PhaseError(f"{path}: missing key {key!r}")
+        raise PhaseError(f"{path}: expected a mapping with {', '.join(REQUIRED_PHASE_KEYS)}")
+    _check_keys(raw, PHASE_KEYS, str(path))
+    for key in REQUIRED_PHASE_KEYS:
+        if key not in raw:
+            raise PhaseError(f"{path}: missing key {key!r}")
     if str(raw["id"]) != phase_id:
         raise PhaseError(f"{path}: id is {raw['id']!r} but the file name says {phase_id}")
 
@@ -127,34 +196,25 @@ def load_phase(phase_id: str, phases_dir: Path = PHASES_DIR) -> PhaseSpec:
         for key in selects:
             if key not in params:
                 raise PhaseError(f"{where}: does not set {key!r}, which this phase selects")
+        for key in params:
+            if key not in selects:
+                raise PhaseError(
+                    f"{where}: sets {key!r}, which this phase does not select, so promote would "
+                    f"never write it to params.yaml; add it to selects, or pass it to every "
+                    f"experiment with `--set {key}=...`"
+                )
         try:
             from_dict(apply_overrides({}, params))
         except ConfigError as err:
             raise PhaseError(f"{where}: {err}") from None
 
-    decide = raw["decide"] or {}
-    tolerance = float(decide.get("tolerance", 0.0))
-    if not 0 <= tolerance < 1:
-        raise PhaseError(f"{path}: decide.tolerance must be in [0, 1), got {tolerance}")
-    rule = DecisionRule(
-        primary=_criterion(
-            {"metric": decide.get("metric"), "direction": decide.get("direction")},
-            f"{path}: decide",
-        ),
-        tolerance=tolerance,
-        tie_breakers=tuple(
-            _criterion(item, f"{path}: decide.tie_breakers[{i}]")
-            for i, item in enumerate(decide.get("tie_breakers") or [])
-        ),
-    )
-    requires = raw["requires"]
     return PhaseSpec(
         id=phase_id,
         title=str(raw["title"]),
-        requires=None if requires is None else str(requires),
+        requires=_required_phase(raw["requires"], phase_id, path, phases_dir),
         selects=selects,
         experiments={str(k): dict(v) for k, v in experiments.items()},
-        decide=rule,
+        decide=_decision_rule(raw["decide"], path),
         path=path,
     )
 
