@@ -83,8 +83,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"latent shape at the demo's {size}px: {shape}")
     print(f"success criteria, bounds inclusive: {_verdict(final['success_criteria_met'])}")
     for gate, check in final["success_criteria"].items():
-        values = ", ".join(f"{k} {_number(v)}" for k, v in check["values"].items())
-        print(f"  {gate}: {values} (target {check['target']}: {_verdict(check['met'])})")
+        values = ", ".join(map(_number, check["values"].values()))
+        print(f"  {gate}: {values} ({check['target']}: {_verdict(check['met'])})")
     pooled = _number(final["metrics"].get("psnr_pooled"))
     print(f"  psnr_pooled: {pooled} (the val set's MSE in dB; not gated, psnr is per image)")
     print(f"checkpoint: {final['checkpoint']['get']}")
