@@ -9,8 +9,11 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import nn
+from torchmetrics.image import StructuralSimilarityIndexMeasure
 
+from aeselect.config import EvaluateConfig
 from aeselect.evaluation import metrics
+from aeselect.evaluation.gates import gate_bounds, success_gates
 
 
 def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -59,6 +62,54 @@ def test_metrics_are_per_image():
     assert metrics.per_image_mse(images, reconstruction)[0] == 0
     assert metrics.per_image_psnr(images, reconstruction)[0] == metrics.PSNR_CAP_DB
     assert metrics.per_image_psnr(images, reconstruction)[1] == pytest.approx(26.0206, abs=1e-3)
+
+
+def test_pooled_psnr_is_the_psnr_of_the_set_mse_not_the_mean_of_per_image_psnr():
+    images = torch.full((2, 3, 16, 16), 0.5)
+    reconstruction = images + torch.tensor([0.1, 0.01]).view(2, 1, 1, 1)  # MSE 1e-2 and 1e-4
+    per_image = metrics.per_image_psnr(images, reconstruction)
+    assert per_image.tolist() == pytest.approx([20.0, 40.0], abs=1e-3)
+    assert float(per_image.mean()) == pytest.approx(30.0, abs=1e-3)
+    # Pooled: one MSE over all pixels, (1e-2 + 1e-4) / 2, so the bad image dominates.
+    pooled = metrics.pooled_psnr(metrics.per_image_mse(images, reconstruction))
+    assert pooled == pytest.approx(-10 * math.log10((1e-2 + 1e-4) / 2), abs=1e-3)
+    assert pooled == pytest.approx(22.967, abs=1e-3)
+    assert metrics.pooled_psnr(torch.zeros(3)) == metrics.PSNR_CAP_DB
+
+
+def _wang_ssim(original: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """(N,) SSIM of Wang et al. 2004 written out: 11x11 Gaussian window, sigma 1.5, K1 0.01,
+    K2 0.03, data range 1, in float64; the mean over every pixel, with the windows at the border
+    reflect-padded (torchmetrics' convention; Wang's own code averages inner windows only)."""
+    offsets = torch.arange(11, dtype=torch.float64) - 5
+    gauss = torch.exp(-(offsets**2) / (2 * 1.5**2))
+    gauss /= gauss.sum()
+    window = (gauss[:, None] * gauss[None, :]).expand(3, 1, 11, 11)
+
+    def local_mean(t):
+        return nn.functional.conv2d(nn.functional.pad(t, (5, 5, 5, 5), "reflect"), window, groups=3)
+
+    x, y = original.double(), reconstruction.double()
+    mean_x, mean_y = local_mean(x), local_mean(y)
+    var_x = local_mean(x * x) - mean_x**2
+    var_y = local_mean(y * y) - mean_y**2
+    cov = local_mean(x * y) - mean_x * mean_y
+    c1, c2 = 0.01**2, 0.03**2
+    ssim_map = ((2 * mean_x * mean_y + c1) * (2 * cov + c2)) / (
+        (mean_x**2 + mean_y**2 + c1) * (var_x + var_y + c2)
+    )
+    return ssim_map.flatten(1).mean(dim=1)
+
+
+def test_ssim_is_the_standard_definition_and_torchmetrics_default():
+    images = _blocky()
+    blurred = TF.gaussian_blur(images, kernel_size=[5, 5], sigma=[1.0, 1.0])
+    ssim = metrics.per_image_ssim(images, blurred)
+    assert ssim.tolist() == pytest.approx(_wang_ssim(images, blurred).tolist(), abs=1e-5)
+    default = StructuralSimilarityIndexMeasure(data_range=1.0)(blurred, images)
+    assert float(ssim.mean()) == pytest.approx(float(default), abs=1e-6)
+    # The standard window is 11 px: a 12 px image still gets a value.
+    assert metrics.per_image_ssim(images[..., :12, :12], blurred[..., :12, :12]).shape == (2,)
 
 
 def test_blur_is_punished_by_detail_metrics_but_a_colour_shift_of_equal_mse_is_not():
@@ -278,18 +329,20 @@ def test_spike_ratio_is_nan_without_two_finite_losses():
     assert math.isnan(metrics.training_stability([1.0, float("nan")], [0.1])["max_spike_ratio"])
 
 
-BOUNDARY = {
+BOUNDARY = {  # every gate's metric exactly at its bound in THRESHOLDS
     "mse": 0.01,
     "psnr": 20.0,
-    "elements_per_image": 256,
-    "max_spike_ratio": 3.0,
-    "nonfinite_count": 0,
+    "latent.compression_ratio": 24.0,
+    "stability.max_spike_ratio": 3.0,
+    "stability.nonfinite_count": 0,
 }
-THRESHOLDS = {"max_mse": 0.01, "min_psnr": 20.0, "max_latent_elements": 256, "max_spike_ratio": 3.0}
+THRESHOLDS = EvaluateConfig(
+    max_mse=0.01, min_psnr=20.0, min_compression_ratio=24.0, max_spike_ratio=3.0
+)
 
 
 def test_gates_pass_exactly_at_the_thresholds():
-    gates = metrics.success_gates(BOUNDARY, **THRESHOLDS)
+    gates = success_gates(BOUNDARY, THRESHOLDS)
     assert gates == dict.fromkeys(
         ["pass_mse", "pass_psnr", "pass_latent_size", "pass_stability", "pass_all"], True
     )
@@ -301,14 +354,26 @@ def test_gates_pass_exactly_at_the_thresholds():
         ("mse", 0.0101, "pass_mse"),
         ("mse", float("nan"), "pass_mse"),
         ("psnr", 19.99, "pass_psnr"),
-        ("elements_per_image", 257, "pass_latent_size"),
-        ("max_spike_ratio", 3.01, "pass_stability"),
-        ("max_spike_ratio", float("nan"), "pass_stability"),
-        ("nonfinite_count", 1, "pass_stability"),
+        ("latent.compression_ratio", 23.99, "pass_latent_size"),
+        ("stability.max_spike_ratio", 3.01, "pass_stability"),
+        ("stability.max_spike_ratio", float("nan"), "pass_stability"),
+        ("stability.nonfinite_count", 1, "pass_stability"),
     ],
 )
 def test_gates_fail_just_past_a_threshold(key, value, gate):
-    gates = metrics.success_gates({**BOUNDARY, key: value}, **THRESHOLDS)
+    gates = success_gates({**BOUNDARY, key: value}, THRESHOLDS)
     assert gates[gate] is False
     assert gates["pass_all"] is False
     assert sum(gates.values()) == 3  # the other three gates still pass
+
+
+def test_gate_bounds_come_from_the_evaluate_config_and_print_their_comparison():
+    bounds = gate_bounds(THRESHOLDS)
+    assert [str(b) for gate in bounds.values() for b in gate] == [
+        "mse <= 0.01",
+        "psnr >= 20",
+        "latent.compression_ratio >= 24",
+        "stability.nonfinite_count <= 0",
+        "stability.max_spike_ratio <= 3",
+    ]
+    assert set(BOUNDARY) == {b.metric for gate in bounds.values() for b in gate}

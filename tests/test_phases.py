@@ -7,14 +7,16 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from conftest import ROOT, git
 
+from aeselect.config import EvaluateConfig
 from aeselect.phases.decide import rank
 from aeselect.phases.experiments import dvc_command, experiment_params
-from aeselect.phases.promote import set_params
+from aeselect.phases.promote import set_params, success_criteria
 from aeselect.phases.spec import Criterion, DecisionRule, PhaseError, all_phases, load_phase
 
 SHIPPED = ROOT / "phases"
@@ -226,6 +228,32 @@ def test_set_params_changes_only_the_selected_lines():
     assert yaml.safe_load(changed)["model"]["latent_channels"] == 16
 
 
+def test_final_success_criteria_are_the_gates_that_evaluate_wrote():
+    # The winner's row as compare reads it: mse exactly at its bound (inclusive: passed), no
+    # stability result at all (NaN: not met), numpy and Python booleans mixed.
+    row = pd.Series(
+        {
+            "mse": 0.01,
+            "gates.pass_mse": np.True_,
+            "psnr": 29.0,
+            "gates.pass_psnr": False,
+            "latent.compression_ratio": 48.0,
+            "gates.pass_latent_size": True,
+            "gates.pass_stability": math.nan,
+        }
+    )
+    criteria = success_criteria(EvaluateConfig(max_mse=0.01, min_psnr=30.0), row)
+    assert criteria["mse"] == {"target": "mse <= 0.01", "values": {"mse": 0.01}, "met": True}
+    assert criteria["psnr"] == {"target": "psnr >= 30", "values": {"psnr": 29.0}, "met": False}
+    assert criteria["latent_size"]["met"] is True
+    assert criteria["stability"] == {
+        "target": "stability.nonfinite_count <= 0, stability.max_spike_ratio <= 3",
+        "values": {"stability.nonfinite_count": None, "stability.max_spike_ratio": None},
+        "met": False,
+    }
+    yaml.safe_dump(criteria)  # plain values only: it goes into final.yaml
+
+
 # ---- end to end: real `dvc exp run --queue`, real queue workers, real Git commits ----------
 
 
@@ -358,5 +386,8 @@ def test_two_phases_chain_through_queue_run_compare_promote(project):
     final = yaml.safe_load((project / "phases" / "decisions" / "final.yaml").read_text())
     assert final["latent_shape_hwc_at_512"] == f"64x64x{winner_lc}"
     assert final["checkpoint"]["rev"] == decision["experiment_rev"]
+    assert set(final["success_criteria"]) == {"mse", "psnr", "latent_size", "stability"}
+    assert final["success_criteria_met"] is decision["metrics"]["gates.pass_all"]
+    assert "psnr_pooled" in final["metrics"]
     shown = aeselect(project, "show").stdout
     assert "Phase 1 is complete" in shown

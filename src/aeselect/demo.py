@@ -40,6 +40,14 @@ def make_scratch_clone(source: Path, target: Path) -> Path:
     return target
 
 
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "not met"
+
+
 def run_demo(args: argparse.Namespace) -> int:
     source = Path(args.repo).resolve()
     if git(source, "status", "--porcelain", "--untracked-files=no").strip():
@@ -73,9 +81,12 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"latent shape HxWxC at 512px: {final['latent_shape_hwc_at_512']}")
     size, shape = final["trained_image_size"], final["latent_shape_hwc_trained"]
     print(f"latent shape at the demo's {size}px: {shape}")
-    for key, check in final["success_criteria"].items():
-        verdict = "met" if check["met"] else "not met"
-        print(f"{key}: {check['value']:.4g} (target {check['target']}: {verdict})")
+    print(f"success criteria, bounds inclusive: {_verdict(final['success_criteria_met'])}")
+    for gate, check in final["success_criteria"].items():
+        values = ", ".join(map(_number, check["values"].values()))
+        print(f"  {gate}: {values} ({check['target']}: {_verdict(check['met'])})")
+    pooled = _number(final["metrics"].get("psnr_pooled"))
+    print(f"  psnr_pooled: {pooled} (the val set's MSE in dB; not gated, psnr is per image)")
     print(f"checkpoint: {final['checkpoint']['get']}")
     print("phase wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"total: {total:.0f} s\n")

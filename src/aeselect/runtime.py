@@ -2,6 +2,7 @@
 
 CUDA gets bf16 autocast, channels_last and (behind a flag) torch.compile; the CPU runs plain fp32,
 because on CPUs without bf16 units autocast is ~50x slower and channels_last does not pay.
+Evaluation runs in plain fp32 on every device (`Runtime.fp32`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +33,19 @@ class Runtime:
         if self.bf16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def fp32(self) -> Iterator[None]:
+        """Plain fp32 inside, whatever the training settings: no autocast (not even one opened by
+        a caller) and no TF32 matmuls or convolutions; the TF32 switches are restored on exit.
+        Evaluation runs here, so its metrics and scale factor mean the same on every device."""
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.autocast(self.device.type, enabled=False):
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
     def describe(self) -> str:
         if self.device.type == "cuda":

@@ -80,7 +80,7 @@ def run_evaluate(cfg: Config) -> None:
         summary = evaluate(cfg, data, MODELS_DIR, live)
     # The Phase 2 artifact: weights with the scale factor measured on these same val latents.
     export_autoencoder(MODELS_DIR / BEST, summary["latent"]["scale_factor"], EXPORT_PATH)
-    headline = {key: summary[key] for key in ("mse", "psnr", "ssim", "edge_f1")}
+    headline = {key: summary[key] for key in ("mse", "psnr", "psnr_pooled", "ssim", "edge_f1")}
     print(f"[evaluate] latent {summary['latent']['shape']} {json.dumps(headline)}", file=sys.stderr)
 
 

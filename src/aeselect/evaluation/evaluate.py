@@ -1,9 +1,10 @@
 """The `evaluate` stage: judge the best checkpoint the way Phase 2 needs it judged.
 
-Reconstruction (MSE, PSNR with data range 1, SSIM, MAE and the per-image PSNR spread), spatial
-detail (edge F1, high-frequency PSNR), the auxiliary task, the latent (shape, compression,
-per-channel statistics, diffusion scale factor, KLD, smoothness), cost (parameters, encode and
-decode throughput, peak memory) and the seed's success gates, all logged with dvclive.
+Reconstruction (MSE, PSNR with data range 1 as the mean per image and pooled over the set, SSIM,
+MAE and the per-image PSNR spread), spatial detail (edge F1, high-frequency PSNR), the auxiliary
+task, the latent (shape, compression, per-channel statistics, diffusion scale factor, KLD,
+smoothness), cost (parameters, encode and decode throughput, peak memory) and the success gates
+(`gates.py`), all logged with dvclive.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from dvclive import Live
 from aeselect.config import Config
 from aeselect.data.dataset import PreparedData, make_loader, to_model_input
 from aeselect.evaluation import metrics
+from aeselect.evaluation.gates import success_gates
 from aeselect.evaluation.images import latent_channel_grid, reconstruction_grid
-from aeselect.runtime import select_runtime
+from aeselect.runtime import Runtime, select_runtime
 from aeselect.training.checkpoint import BEST, load_checkpoint, model_from_checkpoint
 from aeselect.training.loop import TRAIN_LIVE_DIR
 
@@ -38,7 +40,16 @@ def _read_train_summary(path: Path) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(cfg: Config, data: PreparedData, models_dir: Path, live: Live) -> dict[str, Any]:
+    """Metrics and the latent scale factor from fp32 outputs on every device (`Runtime.fp32`),
+    as the hand-off encodes, though training may have run under bf16 autocast."""
     runtime = select_runtime(cfg.train)
+    with runtime.fp32():
+        return _evaluate(cfg, data, models_dir, live, runtime)
+
+
+def _evaluate(
+    cfg: Config, data: PreparedData, models_dir: Path, live: Live, runtime: Runtime
+) -> dict[str, Any]:
     checkpoint = load_checkpoint(models_dir / BEST)
     model, trained_cfg = model_from_checkpoint(checkpoint)
     model = model.to(runtime.device)
@@ -52,9 +63,8 @@ def evaluate(cfg: Config, data: PreparedData, models_dir: Path, live: Live) -> d
     loader = make_loader(data.dataset("val"), batch_size=cfg.evaluate.batch_size)
     for raw_images, raw_targets in loader:
         images, targets = to_model_input(raw_images, raw_targets, runtime.device)
-        with runtime.autocast():
-            out = model(images)
-        recon = out.reconstruction.float().clamp(0, 1)
+        out = model(images)
+        recon = out.reconstruction.clamp(0, 1)
         per_image["mse"].append(metrics.per_image_mse(images, recon))
         per_image["mae"].append(metrics.per_image_mae(images, recon))
         per_image["psnr"].append(metrics.per_image_psnr(images, recon))
@@ -64,13 +74,14 @@ def evaluate(cfg: Config, data: PreparedData, models_dir: Path, live: Live) -> d
         aux.update(out.aux_logits, targets)
         if out.mean is not None:
             kld.append(metrics.gaussian_kld(out.mean, out.logvar))
-        latents.append(out.latent.float().cpu())
+        latents.append(out.latent.cpu())
         if not samples:
-            samples = (images, recon, out.latent.float())
+            samples = (images, recon, out.latent)
     columns = {name: torch.cat(values).cpu() for name, values in per_image.items()}
     all_latents = torch.cat(latents)
 
     summary: dict[str, Any] = {name: float(values.mean()) for name, values in columns.items()}
+    summary["psnr_pooled"] = metrics.pooled_psnr(columns["mse"])
     summary |= {f"psnr_{k}": v for k, v in metrics.percentiles(columns["psnr"]).items()}
     summary |= aux.compute()
     if kld:
@@ -94,18 +105,15 @@ def evaluate(cfg: Config, data: PreparedData, models_dir: Path, live: Live) -> d
     summary["cost"] = _cost(model, samples[0], runtime)
     # Stability is a property of training: the train stage logs it, the gate here reads it.
     stability = _read_train_summary(TRAIN_LIVE_DIR / "metrics.json").get("stability", {})
-    summary["gates"] = metrics.success_gates(
+    summary["gates"] = success_gates(
         {
             "mse": summary["mse"],
             "psnr": summary["psnr"],
-            "elements_per_image": stats["elements_per_image"],
-            "max_spike_ratio": stability.get("max_spike_ratio", math.nan),
-            "nonfinite_count": stability.get("nonfinite_count", 0),
+            "latent.compression_ratio": stats["compression_ratio"],
+            "stability.max_spike_ratio": stability.get("max_spike_ratio", math.nan),
+            "stability.nonfinite_count": stability.get("nonfinite_count", 0),
         },
-        max_mse=cfg.evaluate.max_mse,
-        min_psnr=cfg.evaluate.min_psnr,
-        max_latent_elements=3 * image_size * image_size / cfg.evaluate.min_compression_ratio,
-        max_spike_ratio=cfg.evaluate.max_spike_ratio,
+        cfg.evaluate,
     )
 
     _log_nested(live, summary)

@@ -14,7 +14,8 @@ import pandas as pd
 import yaml
 from ruamel.yaml import YAML
 
-from aeselect.config import PARAMS_FILE, apply_overrides, from_dict, read_yaml
+from aeselect.config import PARAMS_FILE, EvaluateConfig, apply_overrides, from_dict, read_yaml
+from aeselect.evaluation.gates import gate_bounds
 from aeselect.phases.decide import Ranking, column, rank
 from aeselect.phases.experiments import collect_results, dirty_paths, git
 from aeselect.phases.spec import DECISIONS_DIR, PhaseError, PhaseSpec
@@ -23,6 +24,7 @@ from aeselect.phases.spec import DECISIONS_DIR, PhaseError, PhaseSpec
 HEADLINE = [
     "mse",
     "psnr",
+    "psnr_pooled",
     "ssim",
     "edge_f1",
     "hf_psnr",
@@ -36,7 +38,6 @@ HEADLINE = [
     "gates.pass_all",
 ]
 HANDOFF_FILE = "export/autoencoder.pt"  # aeselect.handoff.EXPORT_PATH, without importing torch
-SEED_CRITERIA = {"mse": ("<", 0.01), "psnr": (">", 30.0)}
 
 
 def decision_path(phase_id: str, repo: Path) -> Path:
@@ -216,13 +217,21 @@ def final_summary(repo: Path, decision: dict[str, Any], row: pd.Series) -> dict[
             "python": f"aeselect.load_autoencoder(rev='{rev}')",
         },
         "metrics": metrics,
-        "success_criteria": {
-            key: {
-                "target": f"{op} {bound}",
-                "value": metrics.get(key),
-                "met": metrics.get(key) is not None
-                and (metrics[key] < bound if op == "<" else metrics[key] > bound),
-            }
-            for key, (op, bound) in SEED_CRITERIA.items()
-        },
+        "success_criteria": success_criteria(cfg.evaluate, row),
+        "success_criteria_met": _plain(row.get("gates.pass_all")) is True,
+    }
+
+
+def success_criteria(cfg: EvaluateConfig, row: pd.Series) -> dict[str, dict[str, Any]]:
+    """Each gate's bounds and the winner's values, and whether the evaluate stage passed it.
+
+    "met" is the run's own `gates.pass_*`: the bounds are compared once, in the evaluate stage.
+    """
+    return {
+        gate: {
+            "target": ", ".join(map(str, bounds)),
+            "values": {bound.metric: _plain(row.get(bound.metric)) for bound in bounds},
+            "met": _plain(row.get(f"gates.pass_{gate}")) is True,
+        }
+        for gate, bounds in gate_bounds(cfg).items()
     }
