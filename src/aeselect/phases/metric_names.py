@@ -40,6 +40,7 @@ EVALUATE_METRICS = (
     "mse",
     "mae",
     "psnr",
+    "psnr_pooled",
     "ssim",
     "edge_f1",
     "hf_psnr",
