@@ -145,13 +145,16 @@ def test_redecided_phase_gets_a_fresh_sweep_of_the_next_phase(project):
 
 @pytest.mark.slow
 def test_failed_run_is_fixed_and_run_again(tmp_path):
-    """No images yet: the run fails. Images committed: `phase run` runs it again, as a new run."""
+    """No images yet: the drained run fails. Images committed: `phase run` runs it again."""
     project = make_project(
         tmp_path / "project", TINY | {"data.source": "folder", "data.root": "data/raw"}
     )
     tiny_phases(project, ("1.1", without(VALID, "lc4")))
-    failed = aeselect(project, "run", "1.1", check=False)
-    assert failed.returncode == 1 and "p1-1-lc2: failed" in failed.stdout
+    aeselect(project, "queue", "1.1")
+    drained = aeselect(project, "drain", "1.1", check=False)  # what a SLURM job runs
+    assert drained.returncode == 1 and "FAILED p1-1-lc2" in drained.stderr
+    status = aeselect(project, "status", "1.1", check=False).stdout
+    assert re.search(r"p1-1-lc2 +failed  log: hpc/logs/phase1_1-local\d+-p1-1-lc2.log", status)
     kept = aeselect(project, "queue", "1.1", "--no-retry").stdout
     assert "p1-1-lc2: already failed; not queued again" in kept
 

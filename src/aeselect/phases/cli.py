@@ -120,7 +120,10 @@ def _workers_alive(repo: Path) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    states = wait_for_phase(_repo(args), queue(args), args.jobs)
+    runs = queue(args)
+    if args.dry_run:
+        return 0
+    states = wait_for_phase(_repo(args), runs, args.jobs)
     failed = {n: s for n, s in states.items() if s != "Success"}
     for name, status in failed.items():
         print(f"{name}: {status.lower()}", file=sys.stderr)

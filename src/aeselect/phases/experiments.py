@@ -326,12 +326,11 @@ def load_phase_runs(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Phase
     runs: list[Run] = []
     for name in sorted(taken):
         parsed = parse_run_name(spec, name)
-        record, claim = records.get(name), claims.get(name)
         if parsed is None:
             continue
+        record, claim = records.get(name), claims.get(name)
         if claim is not None and (record is None or record.timestamp < claim.get("claimed_at", "")):
-            # The drainer took the task out of DVC's queue after DVC's newest record of it.
-            params = claim.get("params")
+            # The claim is newer than DVC's newest record of the name: it speaks for the run.
             run = Run(
                 name,
                 *parsed,
@@ -340,7 +339,7 @@ def load_phase_runs(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Phase
                 rev=record.rev if record else None,
                 baseline=claim.get("baseline") or None,
                 timestamp=claim.get("claimed_at", ""),
-                params=record.params if record else params,
+                params=record.params if record else claim.get("params"),
                 metrics=record.metrics if record else {},
             )
         elif record is not None:
@@ -398,10 +397,11 @@ def queue_phase(
             echo(shlex.join(["dvc", *args]))
             continue
         _run_with_lock_retry(repo, args)
+        stale = view.stale(key)
         if run is not None:
             why = f" (again: {run.name} failed)"
-        elif view.stale(key):
-            why = f" ({view.stale(key)[-1].name} is stale: it ran on {view.stale(key)[-1].ran_on})"
+        elif stale:
+            why = f" ({stale[-1].name} is stale: it ran on {stale[-1].ran_on})"
         else:
             why = ""
         echo(f"{name}: queued{why}")
