@@ -64,12 +64,11 @@ def run_demo(args: argparse.Namespace) -> int:
         require_decided(spec, repo)
         sets_steps = any("train.max_steps" in p for p in spec.experiments.values())
         extra = {} if sets_steps else {"train.max_steps": args.sweep_steps}
-        queue_phase(repo, spec, extra)
-        wait_for_phase(repo, spec, args.jobs)
-        comparison = compare(repo, spec)
+        wait_for_phase(repo, queue_phase(repo, spec, extra), args.jobs)
+        comparison = compare(repo, spec, extra)
         table = comparison.ranking.table
         print(table[["rank", *display_columns(spec, table)]].to_string(index=False))
-        decision = promote(repo, spec)
+        decision = promote(repo, spec, extra)
         timings[spec.id] = time.monotonic() - phase_start
         print(f"-> {decision['commit_message']}  [{timings[spec.id]:.0f} s]")
         print(f"   why: {decision['rationale']}")

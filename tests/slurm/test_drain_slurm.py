@@ -21,7 +21,7 @@ import yaml
 from conftest import ROOT, TINY, git, make_project
 
 from aeselect.cluster.slurm import load_profile, sbatch_command, submit
-from aeselect.phases.experiments import collect_results, exp_show
+from aeselect.phases.experiments import collect_results, exp_show, recorded_sweep
 from aeselect.phases.spec import PhaseError, PhaseSpec, load_phase
 
 PHASE = """\
@@ -267,7 +267,8 @@ def job_log(project: Path, job: int) -> str:
 
 
 def results(project: Path) -> dict[str, dict]:
-    frame = collect_results(project, load_phase("1.1", project / "phases"))
+    spec = load_phase("1.1", project / "phases")
+    frame = collect_results(project, spec, recorded_sweep(project, spec))
     return {row["experiment"]: row for row in frame.to_dict("records")}
 
 

@@ -18,6 +18,7 @@ me), 3 another drainer holds this repository.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import json
 import os
@@ -29,11 +30,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aeselect.config import flatten
 from aeselect.dvc import dvc_env, dvc_executable
 from aeselect.envvars import THREADS_ENV
-from aeselect.phases.experiments import DRAIN_DIR, dvc_command, exp_show, git, queue_states
-from aeselect.phases.spec import PhaseError, PhaseSpec
+from aeselect.phases.experiments import (
+    DRAIN_DIR,
+    canonical_params,
+    claim_records,
+    dvc_command,
+    load_phase_runs,
+    parse_run_name,
+    queue_states,
+    recorded_sweep,
+)
+from aeselect.phases.spec import PhaseSpec
 from aeselect.training.resume import PIDFILE_ENV, PREEMPTED_EXIT_CODE
 
 LOG_DIR = Path("hpc/logs")
@@ -51,6 +60,10 @@ class Claim:
     log: str = ""
     jobs: list[str] = field(default_factory=list)
     returncode: int | None = None
+    # What `phase status`/`compare` judge the run by while DVC's queue no longer lists it:
+    baseline: str = ""  # HEAD when claimed; the run is `dvc exp run --temp` on HEAD
+    params: dict[str, Any] = field(default_factory=dict)  # its canonical params
+    claimed_at: str = ""  # local time, as `dvc exp show` stamps runs: a newer DVC record wins
 
     def path(self, repo: Path) -> Path:
         return repo / DRAIN_DIR / f"{self.name}.json"
@@ -64,12 +77,12 @@ class Claim:
 
 
 def read_claims(repo: Path, spec: PhaseSpec) -> dict[str, Claim]:
-    claims = {}
-    for name in spec.names():
-        path = repo / DRAIN_DIR / f"{name}.json"
-        if path.exists():
-            claims[name] = Claim(**json.loads(path.read_text()))
-    return claims
+    """The claims on this phase's runs, whichever attempt (`p1-1-lc8`, `p1-1-lc8_2`, ...)."""
+    return {
+        name: Claim(**record)
+        for name, record in claim_records(repo).items()
+        if parse_run_name(spec, name) is not None
+    }
 
 
 class DrainerLock:
@@ -97,43 +110,26 @@ class DrainerLock:
         return self.handle.read().strip() or "unknown"
 
 
-def _queued_overrides(repo: Path, spec: PhaseSpec, names: list[str]) -> dict[str, dict]:
-    """Each queued experiment's params that differ from its baseline, from `dvc exp show`."""
-    head = git(repo, "rev-parse", "HEAD").strip()
-    found: dict[str, dict] = {}
-    for baseline in exp_show(repo):
-        base_params = _params(baseline.get("data") or {})
-        for exp in baseline.get("experiments") or []:
-            rev = exp["revs"][0]
-            if rev.get("name") not in names:
-                continue
-            if baseline["rev"] != head:
-                raise PhaseError(
-                    f"{rev['name']} was queued on {baseline['rev'][:7]} but HEAD is {head[:7]}; "
-                    "the drainer runs experiments on HEAD: check out that commit or queue again"
-                )
-            params = _params(rev.get("data") or {})
-            found[rev["name"]] = {k: v for k, v in params.items() if base_params.get(k) != v}
-    return found
-
-
-def _params(data: dict) -> dict[str, Any]:
-    return flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
-
-
-def claim_queued(repo: Path, spec: PhaseSpec, claims: dict[str, Claim]) -> None:
-    """Move the phase's Queued tasks from DVC's queue into claims (record first, then remove)."""
-    states = queue_states(repo)
-    # Only tasks still in DVC's queue (they have a task id); claims show up without one.
-    queued = [
-        n for n in spec.names() if n in states and states[n].task and states[n].status == "Queued"
-    ]
-    if not queued:
-        return
-    overrides = _queued_overrides(repo, spec, queued)
-    for name in queued:
+def claim_queued(repo: Path, spec: PhaseSpec, claims: dict[str, Claim]) -> set[str]:
+    """Move the phase's fresh Queued tasks from DVC's queue into claims (record first, then
+    remove); returns the names of the phase's fresh runs. A stale task (queued on other params
+    or code: it could never count) stays unclaimed."""
+    view = load_phase_runs(repo, spec, recorded_sweep(repo, spec))
+    head_params = canonical_params(view.baseline.params) or {}
+    fresh = {run.name: run for run in view.runs if run.fresh}
+    in_dvc = queue_states(repo)  # only tasks still there have a task id to remove
+    for name, run in fresh.items():
+        if name not in in_dvc or in_dvc[name].status != "Queued":
+            continue
         if name not in claims:
-            claims[name] = Claim(name, overrides.get(name, {}))
+            overrides = {k: v for k, v in run.params.items() if head_params.get(k) != v}
+            claims[name] = Claim(
+                name,
+                overrides,
+                baseline=view.baseline.commit,
+                params=run.params,
+                claimed_at=dt.datetime.now().isoformat(timespec="seconds"),
+            )
             claims[name].save(repo)
         subprocess.run(
             [dvc_executable(), "queue", "remove", name],
@@ -142,6 +138,7 @@ def claim_queued(repo: Path, spec: PhaseSpec, claims: dict[str, Claim]) -> None:
             check=True,
             capture_output=True,
         )
+    return set(fresh)
 
 
 def _cpus() -> int:
@@ -269,8 +266,12 @@ class Drainer:
 
     def run(self) -> int:
         claims = read_claims(self.repo, self.spec)
-        claim_queued(self.repo, self.spec, claims)
-        todo = [c for c in claims.values() if c.status in ("claimed", "running", "interrupted")]
+        fresh = claim_queued(self.repo, self.spec, claims)
+        todo = [
+            c
+            for c in claims.values()
+            if c.status in ("claimed", "running", "interrupted") and c.name in fresh
+        ]
         while todo or self.running:
             while todo and len(self.running) < self.jobs and self.stop_signal is None:
                 self.start(todo.pop(0))

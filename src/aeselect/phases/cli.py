@@ -12,7 +12,14 @@ from pathlib import Path
 from aeselect.config import apply_overrides, from_dict, parse_assignment
 from aeselect.dvc import run_dvc, start_queue_workers
 from aeselect.envvars import THREADS_ENV
-from aeselect.phases.experiments import TERMINAL, dirty_paths, queue_phase, queue_states
+from aeselect.phases.experiments import (
+    TERMINAL,
+    dirty_paths,
+    load_phase_runs,
+    queue_phase,
+    recorded_sweep,
+    task_states,
+)
 from aeselect.phases.spec import PhaseError, PhaseSpec, all_phases, load_phase
 
 POLL_SECONDS = 2.0
@@ -33,7 +40,19 @@ def parse_sets(assignments: list[str]) -> dict:
     return extra
 
 
-def cmd_queue(args: argparse.Namespace) -> int:
+def sweep_of(args: argparse.Namespace, repo: Path, spec: PhaseSpec) -> dict:
+    """The sweep's --set: as given, else what the phase's last `phase queue` recorded."""
+    if args.set:
+        return parse_sets(args.set)
+    sweep = recorded_sweep(repo, spec)
+    if sweep:
+        shown = " ".join(f"--set {k}={v}" for k, v in sweep.items())
+        print(f"phase {spec.id}: the sweep's recorded {shown}", file=sys.stderr)
+    return sweep
+
+
+def queue(args: argparse.Namespace) -> list[str]:
+    """`phase queue`, returning the runs that speak for the phase (for run and submit)."""
     from aeselect.phases.promote import require_decided
 
     repo, spec = _repo(args), _spec(args)
@@ -45,17 +64,26 @@ def cmd_queue(args: argparse.Namespace) -> int:
                 "uncommitted changes that queued experiments would silently snapshot (or drop, if "
                 f"untracked): {', '.join(dirty)}. Commit them, or pass --allow-dirty"
             )
-    queue_phase(repo, spec, parse_sets(args.set), dry_run=args.dry_run)
+    return queue_phase(
+        repo,
+        spec,
+        sweep_of(args, repo, spec),
+        retry_failed=not args.no_retry,
+        dry_run=args.dry_run,
+    )
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    queue(args)
     return 0
 
 
-def wait_for_phase(repo: Path, spec: PhaseSpec, jobs: int, *, echo=print) -> dict[str, str]:
-    """Drain the queue until every experiment of the phase is Success or Failed.
+def wait_for_phase(repo: Path, names: list[str], jobs: int, *, echo=print) -> dict[str, str]:
+    """Drain the queue until each of the runs `names` is Success or Failed.
 
     A task still Queued while no worker runs (DVC once lost one at a worker's idle shutdown)
     gets workers started again; a Stuck task (its worker was killed) is reported, not waited on.
     """
-    names = list(spec.names())
     jobs = max(1, min(jobs, len(names)))  # a one-experiment phase gets every core
     env = {THREADS_ENV: str(max(1, (os.cpu_count() or 1) // jobs))}
     start_queue_workers(jobs, repo, env)
@@ -63,7 +91,7 @@ def wait_for_phase(repo: Path, spec: PhaseSpec, jobs: int, *, echo=print) -> dic
     stuck_since: dict[str, float] = {}
     start = time.monotonic()
     while True:
-        states = queue_states(repo)
+        states = task_states(repo)
         current = {n: states[n].status if n in states else "Missing" for n in names}
         now = time.monotonic()
         for name, status in current.items():
@@ -92,9 +120,10 @@ def _workers_alive(repo: Path) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    repo, spec = _repo(args), _spec(args)
-    cmd_queue(args)
-    states = wait_for_phase(repo, spec, args.jobs)
+    runs = queue(args)
+    if args.dry_run:
+        return 0
+    states = wait_for_phase(_repo(args), runs, args.jobs)
     failed = {n: s for n, s in states.items() if s != "Success"}
     for name, status in failed.items():
         print(f"{name}: {status.lower()}", file=sys.stderr)
@@ -106,19 +135,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.phase is None:
         return cmd_show(args)
     spec = _spec(args)
-    states = queue_states(repo)
+    view = load_phase_runs(repo, spec, sweep_of(args, repo, spec))
     bad = 0
-    for name in spec.names():
-        state = states.get(name)
-        status = state.status if state else "Missing"
-        line = f"{name:28s} {status.lower()}"
-        if status in ("Failed", "Stuck"):
-            bad += 1
-            log = state.log_path(repo)
-            line += f"  log: {log.relative_to(repo) if log else '(none)'}"
-            if status == "Stuck":
+    for key in spec.experiments:
+        current = view.current(key)
+        if not view.of(key):
+            print(f"{spec.experiment_name(key):28s} missing")
+        for run in view.of(key):
+            if not run.fresh:
+                print(f"{run.name:28s} stale (ran on {run.ran_on})")
+                continue
+            line = f"{run.name:28s} {run.status.lower()}"
+            if run is not current:
+                line += f", superseded by {current.name}"
+            elif run.status in ("Failed", "Stuck"):
+                bad += 1
+            if run.status in ("Failed", "Stuck"):
+                log = run.task.log_path(repo) if run.task else None
+                line += f"  log: {log.relative_to(repo) if log else '(none)'}"
+            if run is current and run.status == "Stuck":
                 line += "  (its worker is gone: `dvc queue kill`/`remove` it and queue again)"
-        print(line)
+            print(line)
     return 1 if bad else 0
 
 
@@ -126,7 +163,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from aeselect.phases.report import compare, display_columns
 
     repo, spec = _repo(args), _spec(args)
-    result = compare(repo, spec)
+    result = compare(repo, spec, sweep_of(args, repo, spec))
     table = result.ranking.table if result.ranking else result.results
     print(table[display_columns(spec, table)].to_string(index=False))
     if result.ranking:
@@ -138,7 +175,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     from aeselect.phases.promote import promote
 
-    decision = promote(_repo(args), _spec(args), pick=args.pick, why=args.why)
+    repo, spec = _repo(args), _spec(args)
+    decision = promote(repo, spec, sweep_of(args, repo, spec), pick=args.pick, why=args.why)
     print(f"{decision['commit']} {decision['commit_message']}\nwhy: {decision['rationale']}")
     return 0
 
@@ -206,24 +244,22 @@ def add_phase_commands(commands: argparse._SubParsersAction) -> None:
         ("run", cmd_run, "queue if needed, then drain the queue locally and wait"),
     ]:
         parser = add(name, func, text)
-        parser.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="param applied to every experiment of the phase (repeatable)",
-        )
+        add_set(parser)
         parser.add_argument("--dry-run", action="store_true", help="print the dvc commands only")
         parser.add_argument(
             "--allow-dirty",
             action="store_true",
             help="queue even with uncommitted params/code changes",
         )
+        add_retry(parser)
         if name == "run":
             parser.add_argument("-j", "--jobs", type=int, default=1, help="parallel experiments")
-    add("status", cmd_status, "each experiment: queued/running/success/failed/stuck", "optional")
-    add("compare", cmd_compare, "rank the phase's experiments; write phases/reports/<id>/")
+    add_set(
+        add("status", cmd_status, "each run: queued/running/success/failed/stuck/stale", "optional")
+    )
+    add_set(add("compare", cmd_compare, "rank the phase's experiments; write phases/reports/<id>/"))
     promote = add("promote", cmd_promote, "commit the winner's selected params and the decision")
+    add_set(promote)
     promote.add_argument("--pick", help="promote this experiment instead of the rule's winner")
     promote.add_argument("--why", help="reason for --pick, recorded in the decision")
     add("show", cmd_show, "where Phase 1 stands and what to run next", "none")
@@ -232,18 +268,32 @@ def add_phase_commands(commands: argparse._SubParsersAction) -> None:
     drain.add_argument("-j", "--jobs", type=int, default=1, help="parallel experiments (GPUs)")
     submit = add("submit", cmd_submit, "queue the phase and sbatch its drainer on a cluster")
     submit.add_argument("--cluster", required=True, help="profile name in hpc/clusters.yaml")
-    submit.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="param applied to every experiment of the phase (repeatable)",
-    )
+    add_set(submit)
+    add_retry(submit)
     submit.add_argument(
         "--dry-run", action="store_true", help="print the sbatch command and script"
     )
     submit.add_argument(
         "--allow-dirty", action="store_true", help="queue even with uncommitted params/code changes"
+    )
+
+
+def add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="param applied to every experiment of the phase (repeatable); "
+        "default: the --set of the phase's last `phase queue`",
+    )
+
+
+def add_retry(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-retry",
+        action="store_true",
+        help="leave failed experiments failed (by default each gets a new run)",
     )
 
 

@@ -1,5 +1,9 @@
 """A phase's experiments in DVC: queue them, read their states, collect their results.
 
+A phase experiment may have several runs (`p1-1-lc8`, `p1-1-lc8_2`, ...). A run counts only
+while it is *fresh*: the params it recorded equal params.yaml at HEAD plus its experiment's set
+plus the sweep's --set, and its `src/` and `dvc.yaml` are HEAD's. Every other run is stale.
+
 Facts designed around (dvc 3.67.1): `dvc queue status` has no JSON; `dvc exp show` lists a failed
 experiment with an error and no metrics; concurrent `dvc exp run --queue` calls fail now and then
 with `Unable to acquire lock`; a worker killed with SIGKILL leaves its task "Running" forever.
@@ -9,22 +13,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from aeselect.config import PARAMS_FILE, ConfigError, apply_overrides, flatten, from_dict, read_yaml
+from aeselect.config import PARAMS_FILE, ConfigError, apply_overrides, flatten, from_dict
 from aeselect.dvc import DvcError, run_dvc
 from aeselect.phases.spec import PhaseError, PhaseSpec
 
 RUN_DIR = Path(".dvc/tmp/exps/run")
 DRAIN_DIR = Path(".dvc/tmp/aeselect-drain")  # the drainer's claims (aeselect.cluster.drain)
+SWEEPS_DIR = Path(".dvc/tmp/aeselect-sweeps")  # each phase's sweep --set, written by queue
+# A run counts for a phase only if these trees equal HEAD's (with its params: `load_phase_runs`).
+CODE_PATHS = ("src", "dvc.yaml")
+# p1-1-lc8_2 is lc8's second run; experiment keys never contain "_" (spec.EXPERIMENT_KEY).
+ATTEMPT_SEPARATOR = "_"
+RUN_NAME = re.compile(r"^p[0-9]+-[0-9]+-[a-z0-9][a-z0-9-]*(_[0-9]+)?$")
 METRICS_FILES = ("results/evaluate/metrics.json", "results/train/metrics.json")
 # Paths whose uncommitted edits a queued experiment would silently snapshot.
 SNAPSHOT_PATHS = ("params.yaml", "dvc.yaml", "src")
@@ -78,16 +89,9 @@ def experiment_params(spec: PhaseSpec, key: str, extra: dict[str, Any]) -> dict[
 
 
 def queue_states(repo: Path) -> dict[str, TaskState]:
-    """Name -> state from `dvc queue status`, Running tasks whose process is gone marked Stuck,
-    then the drainer's claims (aeselect.cluster.drain), which own a task once it left the queue."""
+    """Name -> state of the tasks in DVC's queue, Running tasks whose process is gone as Stuck."""
     out = run_dvc(["queue", "status"], cwd=repo).stdout
     states: dict[str, TaskState] = {}
-    for info in sorted((repo / DRAIN_DIR).glob("*.json")):
-        claim = json.loads(info.read_text())
-        status = {"claimed": "Queued", "interrupted": "Queued"}.get(claim["status"])
-        states[claim["name"]] = TaskState(
-            claim["name"], "", status or claim["status"].capitalize(), claim["log"]
-        )
     for line in out.splitlines()[1:]:
         fields = line.split()
         if len(fields) < 3 or line.startswith("Worker status"):
@@ -97,6 +101,26 @@ def queue_states(repo: Path) -> dict[str, TaskState]:
             status = "Stuck"
         states.setdefault(name, TaskState(name, task, status))
     return states
+
+
+def claim_records(repo: Path) -> dict[str, dict[str, Any]]:
+    """The drainer's claims (aeselect.cluster.drain) by experiment name, as written."""
+    return {
+        record["name"]: record
+        for record in (json.loads(p.read_text()) for p in sorted((repo / DRAIN_DIR).glob("*.json")))
+    }
+
+
+def claim_state(record: dict[str, Any]) -> TaskState:
+    status = {"claimed": "Queued", "interrupted": "Queued"}.get(record["status"])
+    return TaskState(record["name"], "", status or record["status"].capitalize(), record["log"])
+
+
+def task_states(repo: Path) -> dict[str, TaskState]:
+    """Claims, then DVC's queue: a claimed task has left DVC's queue, so a task DVC lists under
+    a claimed name was queued after the claim (names are never reused: `PhaseRuns.next_name`)."""
+    states = {name: claim_state(r) for name, r in claim_records(repo).items()}
+    return states | queue_states(repo)
 
 
 def _task_alive(repo: Path, task: str) -> bool:
@@ -116,40 +140,273 @@ def _task_alive(repo: Path, task: str) -> bool:
     return True
 
 
-def queue_phase(
-    repo: Path,
-    spec: PhaseSpec,
-    extra: dict[str, Any],
-    *,
-    dry_run: bool = False,
-    echo: Callable[[str], None] = print,
-) -> list[str]:
-    """Queue every experiment of the phase not yet queued or done; returns the names queued."""
-    baseline = read_yaml(repo / PARAMS_FILE)
-    commands: dict[str, list[str]] = {}
-    for key in spec.experiments:  # validate all before queuing any: a phase is queued whole
-        params = experiment_params(spec, key, extra)
+# ---- a phase's runs against today's baseline ------------------------------------------------
+
+
+def sweep_path(repo: Path, spec: PhaseSpec) -> Path:
+    return repo / SWEEPS_DIR / f"{spec.id}.json"
+
+
+def record_sweep(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> None:
+    """Remember the sweep's --set: compare, promote and later queues read it back."""
+    path = sweep_path(repo, spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"set": sweep}, indent=1))
+
+
+def recorded_sweep(repo: Path, spec: PhaseSpec) -> dict[str, Any]:
+    """The --set of the phase's last `phase queue` in this clone ({} if never queued here)."""
+    path = sweep_path(repo, spec)
+    return json.loads(path.read_text())["set"] if path.exists() else {}
+
+
+def canonical_params(tree: dict[str, Any]) -> dict[str, Any] | None:
+    """Flattened params as the stages see them (validated, types coerced), so that `8` and
+    `8.0` or `1e-3` and `0.001` compare equal; None when today's code would reject them."""
+    try:
+        return from_dict(tree).flat()
+    except ConfigError:
+        return None
+
+
+def code_trees(repo: Path, rev: str) -> tuple[str, ...] | None:
+    """Git tree ids of the code and pipeline (CODE_PATHS) at `rev`; None if it lacks one."""
+    result = subprocess.run(
+        ["git", "rev-parse", *(f"{rev}:{path}" for path in CODE_PATHS)],
+        cwd=repo,
+        text=True,
+        capture_output=True,
+    )
+    return tuple(result.stdout.split()) if result.returncode == 0 else None
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What a run must have recorded to count for a phase today: HEAD's params.yaml, HEAD's
+    code and pipeline, and the sweep's --set."""
+
+    commit: str
+    params: dict[str, Any]  # params.yaml at HEAD, nested, as DVC parsed it
+    code: tuple[str, ...] | None
+    sweep: dict[str, Any]
+
+    def expected(self, spec: PhaseSpec, key: str) -> dict[str, Any]:
+        """The canonical params of experiment `key`; raises, naming the file, if invalid."""
+        merged = apply_overrides(self.params, experiment_params(spec, key, self.sweep))
         try:
-            from_dict(apply_overrides(baseline, params))
+            return from_dict(merged).flat()
         except ConfigError as err:
             raise PhaseError(
                 f"{spec.path}: experiment {key!r} on top of {PARAMS_FILE}: {err}"
             ) from None
-        commands[spec.experiment_name(key)] = dvc_command(spec.experiment_name(key), params)
-    if dry_run:
-        for args in commands.values():
+
+
+@dataclass(frozen=True)
+class Run:
+    """One DVC experiment of a phase under its own name: queued, running or finished."""
+
+    name: str
+    key: str
+    attempt: int  # 1 for p1-1-lc8, 2 for p1-1-lc8_2, ...
+    status: str  # Queued | Running | Success | Failed | Stuck
+    task: TaskState | None  # DVC's queue entry or the drainer's claim, if either knows it
+    rev: str | None = None
+    baseline: str | None = None  # the commit it was queued on
+    timestamp: str = ""
+    params: dict[str, Any] | None = None  # canonical recorded params
+    metrics: dict[str, Any] = field(default_factory=dict)
+    fresh: bool = False  # its params and code match today's baseline
+
+    @property
+    def ran_on(self) -> str:
+        return (self.baseline or "unknown commit")[:7]
+
+
+def parse_run_name(spec: PhaseSpec, name: str) -> tuple[str, int] | None:
+    """(experiment key, attempt) of one of the phase's run names, None for any other name."""
+    rest = name.removeprefix(f"{spec.slug}-")
+    key, separator, attempt = rest.partition(ATTEMPT_SEPARATOR)
+    if rest == name or key not in spec.experiments:
+        return None
+    if not separator:
+        return key, 1
+    return (key, int(attempt)) if attempt.isdigit() and int(attempt) > 1 else None
+
+
+def run_name(spec: PhaseSpec, key: str, attempt: int) -> str:
+    base = spec.experiment_name(key)
+    return base if attempt == 1 else f"{base}{ATTEMPT_SEPARATOR}{attempt}"
+
+
+@dataclass(frozen=True)
+class PhaseRuns:
+    """Every run of a phase that DVC or the drainer knows, judged against today's baseline."""
+
+    spec: PhaseSpec
+    baseline: Baseline
+    runs: list[Run]
+    taken: frozenset[str]  # every name in use, also by runs DVC no longer shows
+
+    def of(self, key: str) -> list[Run]:
+        return sorted((r for r in self.runs if r.key == key), key=lambda r: r.attempt)
+
+    def current(self, key: str) -> Run | None:
+        """The fresh run that speaks for an experiment: its newest success, else its newest
+        attempt (queued, running, failed or stuck)."""
+        fresh = [r for r in self.of(key) if r.fresh]
+        done = [r for r in fresh if r.status == "Success"]
+        return (done or fresh or [None])[-1]
+
+    def stale(self, key: str) -> list[Run]:
+        return [r for r in self.of(key) if not r.fresh]
+
+    def next_name(self, key: str) -> str:
+        """The attempt after the last one any record of this clone knows: runs are told apart
+        by name in DVC's queue, the drainer's claims and `dvc exp show`, so a name is never
+        given twice, and a higher attempt is always the newer run."""
+        attempts = [parse_run_name(self.spec, name) for name in self.taken]
+        last = max((a[1] for a in attempts if a and a[0] == key), default=0)
+        name = run_name(self.spec, key, last + 1)
+        if not RUN_NAME.match(name):  # it reaches `dvc exp run -n` and Git ref names
+            raise PhaseError(f"{name!r} is not a valid experiment name")
+        return name
+
+
+def _params_tree(data: dict[str, Any]) -> dict[str, Any]:
+    return (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
+
+
+def _metrics(data: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for path in METRICS_FILES:
+        metrics = (data.get("metrics") or {}).get(path, {}).get("data") or {}
+        found |= {k: v for k, v in flatten(metrics).items() if k not in found}
+    return found
+
+
+def load_phase_runs(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> PhaseRuns:
+    """The phase's runs, each marked fresh when its recorded params equal what the phase asks
+    for today and its `src/` and `dvc.yaml` trees equal HEAD's."""
+    shown = exp_show(repo)
+    head = git(repo, "rev-parse", "HEAD").strip()
+    head_entry = next((b for b in shown if b.get("rev") == head), None)
+    if head_entry is None:
+        raise PhaseError(f"`dvc exp show -A` does not list HEAD ({head[:7]}) in {repo}")
+    baseline = Baseline(
+        head, _params_tree(head_entry.get("data") or {}), code_trees(repo, head), sweep
+    )
+    expected = {key: baseline.expected(spec, key) for key in spec.experiments}
+
+    records: dict[str, Run] = {}  # exp show: one entry per name, the newest
+    for entry in shown:
+        for exp in entry.get("experiments") or []:
+            parsed = parse_run_name(spec, exp.get("name") or "")
+            if parsed is None:
+                continue
+            rev = exp["revs"][0]
+            data = rev.get("data") or {}
+            failed = bool(rev.get("error"))
+            run = Run(
+                exp["name"],
+                *parsed,
+                status="Failed" if failed else "Success",
+                task=None,
+                rev=rev.get("rev"),
+                baseline=entry.get("rev"),
+                timestamp=data.get("timestamp") or "",
+                params=canonical_params(_params_tree(data)),
+                metrics={} if failed else _metrics(data),
+            )
+            if run.name not in records or run.timestamp >= records[run.name].timestamp:
+                records[run.name] = run
+    claims = claim_records(repo)
+    queued = queue_states(repo)
+    taken = frozenset(records.keys() | claims.keys() | queued.keys())
+    trees: dict[str, tuple[str, ...] | None] = {head: baseline.code}
+    runs: list[Run] = []
+    for name in sorted(taken):
+        parsed = parse_run_name(spec, name)
+        if parsed is None:
+            continue
+        record, claim = records.get(name), claims.get(name)
+        if claim is not None and (record is None or record.timestamp < claim.get("claimed_at", "")):
+            # The claim is newer than DVC's newest record of the name: it speaks for the run.
+            run = Run(
+                name,
+                *parsed,
+                status=claim_state(claim).status,
+                task=claim_state(claim),
+                rev=record.rev if record else None,
+                baseline=claim.get("baseline") or None,
+                timestamp=claim.get("claimed_at", ""),
+                params=record.params if record else claim.get("params"),
+                metrics=record.metrics if record else {},
+            )
+        elif record is not None:
+            task = queued.get(name)
+            status = task.status if task and task.status != "Success" else record.status
+            run = replace(record, status=status, task=task)
+        else:
+            continue  # only DVC's queue history remembers it: its experiment was removed
+        code_rev = run.rev or run.baseline
+        if code_rev and code_rev not in trees:
+            trees[code_rev] = code_trees(repo, code_rev)
+        fresh = (
+            run.params is not None
+            and run.params == expected[run.key]
+            and code_rev is not None
+            and trees[code_rev] == baseline.code
+        )
+        runs.append(replace(run, fresh=fresh))
+    return PhaseRuns(spec, baseline, runs, taken)
+
+
+def queue_phase(
+    repo: Path,
+    spec: PhaseSpec,
+    sweep: dict[str, Any],
+    *,
+    retry_failed: bool = True,
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+) -> list[str]:
+    """Queue a run for each experiment that has no fresh run done or under way (and, with
+    `retry_failed`, for each whose fresh run failed); returns the runs that now speak for the
+    phase, queued here or before.
+
+    Stale runs never count: their still-queued tasks are removed from DVC's queue (they could
+    never be used), and a fresh run is queued under a new name.
+    """
+    view = load_phase_runs(repo, spec, sweep)  # validates every experiment before any is queued
+    if not dry_run:
+        record_sweep(repo, spec, sweep)
+    current: list[str] = []
+    for key in spec.experiments:
+        for run in view.stale(key):
+            if run.task and run.task.task and run.status == "Queued" and not dry_run:
+                run_dvc(["queue", "remove", run.name], cwd=repo)
+                echo(f"{run.name}: removed from DVC's queue (stale: queued on {run.ran_on})")
+        run = view.current(key)
+        if run is not None and (run.status != "Failed" or not retry_failed):
+            echo(f"{run.name}: already {run.status.lower()}; not queued again")
+            current.append(run.name)
+            continue
+        name = view.next_name(key)
+        args = dvc_command(name, experiment_params(spec, key, sweep))
+        if dry_run:
             echo(shlex.join(["dvc", *args]))
-        return []
-    states = queue_states(repo)
-    queued: list[str] = []
-    for name, args in commands.items():
-        if name in states:
-            echo(f"{name}: already {states[name].status.lower()} in DVC's queue; not queued again")
             continue
         _run_with_lock_retry(repo, args)
-        echo(f"{name}: queued")
-        queued.append(name)
-    return queued
+        stale = view.stale(key)
+        if run is not None:
+            why = f" (again: {run.name} failed)"
+        elif stale:
+            why = f" ({stale[-1].name} is stale: it ran on {stale[-1].ran_on})"
+        else:
+            why = ""
+        echo(f"{name}: queued{why}")
+        current.append(name)
+    return current
 
 
 def _run_with_lock_retry(repo: Path, args: list[str]) -> None:
@@ -169,43 +426,34 @@ def exp_show(repo: Path) -> list[dict[str, Any]]:
     return json.loads(out)
 
 
-def collect_results(repo: Path, spec: PhaseSpec) -> pd.DataFrame:
-    """One row per experiment of the phase: state, baseline, rev, params and flattened metrics.
+def collect_results(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> pd.DataFrame:
+    """One row per experiment of the phase, from the fresh run that speaks for it: state, run
+    name, rev, baseline, canonical params and flattened metrics.
 
-    Failed experiments keep their row (state Failed) without metrics, never the baseline's; an
-    experiment not in exp show at all is Missing. When a name occurs more than once, the newest
-    experiment wins, as in DVC's own lookup.
+    Failed runs keep their row (state Failed) without metrics, never the baseline's; an
+    experiment whose runs are all stale is Stale (`stale_on`: the commit its newest ran on),
+    one with no run at all Missing.
     """
-    names = spec.names()
-    rows: dict[str, dict[str, Any]] = {}
-    for baseline in exp_show(repo):
-        for exp in baseline.get("experiments") or []:
-            name = exp.get("name")
-            if name not in names:
-                continue
-            rev = exp["revs"][0]
-            data = rev.get("data") or {}
+    view = load_phase_runs(repo, spec, sweep)
+    rows = []
+    for key in spec.experiments:
+        run = view.current(key)
+        if run is None:
+            stale = view.stale(key)
+            row = {"experiment": spec.experiment_name(key), "key": key, "state": "Missing"}
+            if stale:
+                row |= {"state": "Stale", "stale_on": stale[-1].ran_on}
+        else:
             row = {
-                "experiment": name,
-                "key": names[name],
-                "state": "Failed" if rev.get("error") else "Success",
-                "rev": rev.get("rev"),
-                "baseline": baseline.get("rev"),
-                "timestamp": data.get("timestamp"),
+                "experiment": run.name,
+                "key": key,
+                "state": run.status,
+                "rev": run.rev,
+                "baseline": run.baseline,
+                "timestamp": run.timestamp,
             }
-            params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
-            row |= {f"params.{k}": v for k, v in flatten(params).items()}
-            if not rev.get("error"):
-                for path in METRICS_FILES:
-                    metrics = (data.get("metrics") or {}).get(path, {}).get("data") or {}
-                    row |= {k: v for k, v in flatten(metrics).items() if k not in row}
-            previous = rows.get(name)
-            if previous is None or (row["timestamp"] or "") >= (previous["timestamp"] or ""):
-                rows[name] = row
-    # exp show lists a queued or running experiment like a finished one: the queue knows better.
-    states = queue_states(repo)
-    for name, key in names.items():
-        row = rows.setdefault(name, {"experiment": name, "key": key, "state": "Missing"})
-        if name in states and states[name].status != "Success":
-            row["state"] = states[name].status
-    return pd.DataFrame([rows[name] for name in names])
+            row |= {f"params.{k}": v for k, v in (run.params or {}).items()}
+            if run.status == "Success":
+                row |= {k: v for k, v in run.metrics.items() if k not in row}
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -17,7 +17,7 @@ from ruamel.yaml import YAML
 from aeselect.config import PARAMS_FILE, EvaluateConfig, apply_overrides, from_dict, read_yaml
 from aeselect.evaluation.gates import gate_bounds
 from aeselect.phases.decide import Ranking, column, rank
-from aeselect.phases.experiments import collect_results, dirty_paths, git
+from aeselect.phases.experiments import collect_results, dirty_paths, git, parse_run_name
 from aeselect.phases.spec import DECISIONS_DIR, PhaseError, PhaseSpec
 
 # Columns every decision file and report shows, beside the rule's own.
@@ -93,10 +93,30 @@ def _summary(row: pd.Series, spec: PhaseSpec) -> dict[str, Any]:
     return {k: _plain(row[k]) for k in dict.fromkeys(keys) if k in row.index}
 
 
+def _listing(results: pd.DataFrame) -> dict[str, str]:
+    """Each experiment that has no successful fresh run, with what it has instead."""
+    listing = {}
+    for _, row in results[results["state"] != "Success"].iterrows():
+        state = row["state"].lower()
+        if row["state"] == "Stale":
+            state = f"stale: ran on {row['stale_on']}"
+        listing[row["experiment"]] = state
+    return listing
+
+
 def promote(
-    repo: Path, spec: PhaseSpec, *, pick: str | None = None, why: str | None = None
+    repo: Path,
+    spec: PhaseSpec,
+    sweep: dict[str, Any],
+    *,
+    pick: str | None = None,
+    why: str | None = None,
 ) -> dict[str, Any]:
-    """Write the decision and commit it; refuses rather than guess or lose work."""
+    """Write the decision and commit it; refuses rather than guess or lose work.
+
+    Only fresh runs count (`collect_results`): each ran with params.yaml at HEAD, its
+    experiment's set and the sweep's --set (`sweep`), on HEAD's code and pipeline.
+    """
     if dirty_paths(repo, (PARAMS_FILE,)):
         raise PhaseError(
             f"{PARAMS_FILE} has uncommitted changes; commit or stash them first "
@@ -107,36 +127,50 @@ def promote(
             f"phase {spec.id} is already decided ({DECISIONS_DIR}/{spec.id}.yaml); "
             "`git revert` that commit to decide again"
         )
-    results = collect_results(repo, spec)
-    names = spec.names()
-    states = dict(zip(results["experiment"], results["state"], strict=True))
-    unfinished = {n: s for n, s in states.items() if s != "Success"}
+    results = collect_results(repo, spec, sweep)
+    unfinished = _listing(results)
     if unfinished and pick is None:
-        listing = ", ".join(f"{n} ({s.lower()})" for n, s in unfinished.items())
+        listing = ", ".join(f"{n} ({s})" for n, s in unfinished.items())
         raise PhaseError(
-            f"phase {spec.id}: not every experiment succeeded: {listing}. Re-run them "
-            f"(`aeselect phase run {spec.id}`), or choose with --pick NAME --why '...'"
+            f"phase {spec.id}: not every experiment has a successful run on today's baseline: "
+            f"{listing}. Run them (`aeselect phase run {spec.id}` queues what is missing, "
+            "stale or failed), or choose with --pick NAME --why '...'"
         )
     ranking: Ranking = rank(results, spec.decide)
     winner = ranking.winner
     override = None
     if pick is not None:
-        if pick not in names:
-            raise PhaseError(
-                f"--pick {pick}: not an experiment of phase {spec.id} ({', '.join(names)})"
-            )
-        if states.get(pick) != "Success":
-            raise PhaseError(f"--pick {pick}: it did not succeed ({states.get(pick, 'missing')})")
+        parsed = parse_run_name(spec, pick)
+        if parsed is None:
+            names = ", ".join(spec.names())
+            raise PhaseError(f"--pick {pick}: not an experiment of phase {spec.id} ({names})")
+        row = results.set_index("key").loc[parsed[0]]
+        if row["state"] != "Success" or (parsed[1] > 1 and row["experiment"] != pick):
+            state = _listing(results).get(row["experiment"], f"its run is {row['experiment']}")
+            raise PhaseError(f"--pick {pick}: it has no successful fresh run ({state})")
         if not why:
             raise PhaseError("--pick needs --why '...': the decision file records the reason")
-        override = {"picked": pick, "rule_winner": winner, "why": why}
-        winner = pick
+        override = {"picked": row["experiment"], "rule_winner": winner, "why": why}
+        winner = row["experiment"]
     row = ranking.table.set_index("experiment").loc[winner]
-    selected = {key: spec.experiments[names[winner]][key] for key in spec.selects}
+    selected = {key: spec.experiments[row["key"]][key] for key in spec.selects}
 
     params_file = repo / PARAMS_FILE
     new_text = set_params(params_file.read_text(), selected)
-    from_dict(yaml.safe_load(new_text))  # the promoted file must itself be valid
+    written = from_dict(yaml.safe_load(new_text)).flat()  # the promoted file must be valid
+    differing = {
+        k: (_plain(row[f"params.{k}"]), written[k])
+        for k in selected
+        if row[f"params.{k}"] != written[k]
+    }
+    if differing:
+        listing = "; ".join(
+            f"{k}: the run recorded {a!r}, params.yaml would get {b!r}"
+            for k, (a, b) in differing.items()
+        )
+        raise PhaseError(
+            f"phase {spec.id}: {winner} did not run with what promotion writes: {listing}"
+        )
     params_file.write_text(new_text)
 
     primary = column(spec.decide.primary)
@@ -146,7 +180,8 @@ def promote(
         "decided": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "winner": winner,
         "experiment_rev": _plain(row["rev"]),
-        "baseline_commit": _plain(row["baseline"]),
+        "baseline_commit": _plain(row["baseline"]),  # the HEAD the winning run ran on
+        "sweep_set": sweep,
         "selected": selected,
         "override": override,
         "rule": {
@@ -163,6 +198,8 @@ def promote(
                 "experiment": r["experiment"],
                 "rank": int(r["rank"]),
                 "within_tolerance": bool(r["tied"]),
+                "experiment_rev": _plain(r["rev"]),
+                "baseline_commit": _plain(r["baseline"]),
                 "params": {k: _plain(r.get(f"params.{k}")) for k in spec.selects},
             }
             | _summary(r, spec)

@@ -6,6 +6,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from PIL import Image
@@ -157,8 +158,9 @@ def detail_zoom(grid: Image.Image, image_size: int, factor: int = 4) -> Image.Im
     return out
 
 
-def compare(repo: Path, spec: PhaseSpec) -> Comparison:
-    results = collect_results(repo, spec)
+def compare(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Comparison:
+    """Rank the phase's fresh runs (`collect_results`) and write its report."""
+    results = collect_results(repo, spec, sweep)
     report_dir = repo / REPORTS_DIR / spec.id
     report_dir.mkdir(parents=True, exist_ok=True)
     done = results[results["state"] == "Success"]

@@ -1,0 +1,180 @@
+"""Baseline binding and retries: which runs count for a phase today, with real DVC runs.
+
+A run counts (is fresh) only when its recorded params equal params.yaml at HEAD plus its
+experiment's set plus the sweep's --set, and its `src/` and `dvc.yaml` are HEAD's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import TINY, git, make_project
+from PIL import Image
+from test_phases import CHAIN_1_2, VALID, aeselect, write_phase
+
+from aeselect.phases.experiments import (
+    DRAIN_DIR,
+    Baseline,
+    PhaseRuns,
+    Run,
+    parse_run_name,
+    run_name,
+)
+from aeselect.phases.spec import load_phase
+
+PREFIXED = VALID.replace("lc4: {model.latent_channels: 4}", "lc2-b: {model.latent_channels: 4}")
+
+
+def test_run_names_parse_back_to_their_experiment_and_attempt(tmp_path):
+    write_phase(tmp_path, "1.1", PREFIXED)
+    spec = load_phase("1.1", tmp_path)
+    assert parse_run_name(spec, "p1-1-lc2") == ("lc2", 1)
+    assert parse_run_name(spec, "p1-1-lc2-b") == ("lc2-b", 1)  # a key that extends another
+    assert parse_run_name(spec, "p1-1-lc2-b_3") == ("lc2-b", 3)
+    assert run_name(spec, "lc2-b", 3) == "p1-1-lc2-b_3"
+    for other in ("p1-1-lc9", "p1-2-lc2", "p1-1-lc2_x", "p1-1-lc2_1", "lc2", "p1-1-lc2_"):
+        assert parse_run_name(spec, other) is None, other
+
+
+def test_the_current_run_is_the_newest_fresh_success_and_names_are_never_reused(tmp_path):
+    write_phase(tmp_path, "1.1", VALID)
+    spec = load_phase("1.1", tmp_path)
+
+    def run(name: str, status: str, fresh: bool) -> Run:
+        key, attempt = parse_run_name(spec, name)
+        return Run(name, key, attempt, status, None, baseline="abcdef0123", fresh=fresh)
+
+    runs = [
+        run("p1-1-lc2", "Success", False),  # stale: never counts, even as the only success
+        run("p1-1-lc2_2", "Failed", True),
+        run("p1-1-lc2_3", "Success", True),
+        run("p1-1-lc2_4", "Failed", True),  # a later failure does not hide the success
+        run("p1-1-lc4", "Success", False),
+    ]
+    taken = frozenset({r.name for r in runs} | {"p1-1-lc4_2"})
+    view = PhaseRuns(spec, Baseline("h", {}, None, {}), runs, taken)
+    assert view.current("lc2").name == "p1-1-lc2_3"
+    assert [r.name for r in view.stale("lc2")] == ["p1-1-lc2"]
+    assert view.current("lc4") is None and view.stale("lc4")[0].ran_on == "abcdef0"
+    # p1-1-lc4_2 is taken (say, only DVC's queue history still knows it): the next is _3.
+    assert view.next_name("lc4") == "p1-1-lc4_3"
+    assert view.next_name("lc2") == "p1-1-lc2_5"
+
+
+# ---- end to end: real `dvc exp run`, real Git ---------------------------------------------------
+
+SWEEP = "train.max_steps=4"
+
+
+def without(body: str, *experiments: str) -> str:
+    """A phase file's text without the given experiments' lines."""
+    return "".join(
+        line
+        for line in body.splitlines(keepends=True)
+        if not any(line.strip().startswith(f"{e}:") for e in experiments)
+    )
+
+
+ONE_EXPERIMENT_1_2 = without(CHAIN_1_2, "aux5", "broken")
+
+
+def tiny_phases(project: Path, *bodies: tuple[str, str]) -> None:
+    for path in (project / "phases").glob("phase*.yaml"):
+        path.unlink()
+    for phase_id, body in bodies:
+        write_phase(project / "phases", phase_id, body)
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "tiny phases")
+
+
+def decision(project: Path, phase_id: str) -> dict:
+    return yaml.safe_load((project / "phases" / "decisions" / f"{phase_id}.yaml").read_text())
+
+
+@pytest.mark.slow
+def test_redecided_phase_gets_a_fresh_sweep_of_the_next_phase(project):
+    """The issue's scenario: decide 1.1, run 1.2, revert 1.1, decide it differently, queue 1.2."""
+    tiny_phases(project, ("1.1", VALID), ("1.2", ONE_EXPERIMENT_1_2))
+    aeselect(project, "queue", "1.1", "--set", SWEEP)
+    run = aeselect(project, "run", "1.1", "-j", "2")  # no --set: the queued sweep's is kept
+    assert f"recorded --set {SWEEP}" in run.stderr
+    assert "p1-1-lc2: already queued" in run.stdout and "p1-1-lc4: success" in run.stdout
+    sweep_head = git(project, "rev-parse", "HEAD").strip()
+    aeselect(project, "promote", "1.1")
+    first = decision(project, "1.1")
+    assert first["sweep_set"] == {"train.max_steps": 4}  # a shorter sweep is not stale
+    assert first["baseline_commit"] == sweep_head
+    revs = {c["experiment"]: c["experiment_rev"] for c in first["candidates"]}
+    assert set(revs) == {"p1-1-lc2", "p1-1-lc4"} and first["experiment_rev"] in revs.values()
+    decided_lc = first["selected"]["model.latent_channels"]
+    other = f"p1-1-lc{6 - decided_lc}"  # lc2 <-> lc4
+
+    aeselect(project, "run", "1.2", "--set", SWEEP)
+    on_first = git(project, "rev-parse", "--short=7", "HEAD").strip()
+    git(project, "revert", "--no-edit", "HEAD")
+    # Reverted: 1.1's runs match HEAD's params again, so 1.1 can be decided the other way.
+    aeselect(project, "promote", "1.1", "--pick", other, "--why", "smaller latent")
+    second = decision(project, "1.1")
+    assert second["winner"] == other and second["baseline_commit"] == sweep_head
+    assert yaml.safe_load((project / "params.yaml").read_text())["model"]["latent_channels"] == (
+        6 - decided_lc
+    )
+
+    # 1.2's run trained on the first decision's latent_channels: stale, never used.
+    status = aeselect(project, "status", "1.2").stdout
+    assert re.search(rf"p1-2-aux0 +stale \(ran on {on_first}\)", status), status
+    refused = aeselect(project, "promote", "1.2", check=False)
+    assert refused.returncode == 2
+    assert f"p1-2-aux0 (stale: ran on {on_first})" in refused.stderr
+    aeselect(project, "compare", "1.2")
+    table = (project / "phases" / "reports" / "1.2" / "metrics.csv").read_text()
+    assert "Stale" in table and "mse" not in table.splitlines()[0]  # no metrics of a stale run
+
+    queued = aeselect(project, "queue", "1.2", "--set", SWEEP).stdout
+    assert "already success" not in queued
+    assert f"p1-2-aux0_2: queued (p1-2-aux0 is stale: it ran on {on_first})" in queued
+    status = aeselect(project, "status", "1.2").stdout
+    assert re.search(r"p1-2-aux0_2 +queued", status), status
+    assert "p1-2-aux0_2: already queued" in aeselect(project, "queue", "1.2").stdout
+
+
+@pytest.mark.slow
+def test_failed_run_is_fixed_and_run_again(tmp_path):
+    """No images yet: the drained run fails. Images committed: `phase run` runs it again."""
+    project = make_project(
+        tmp_path / "project", TINY | {"data.source": "folder", "data.root": "data/raw"}
+    )
+    tiny_phases(project, ("1.1", without(VALID, "lc4")))
+    aeselect(project, "queue", "1.1")
+    drained = aeselect(project, "drain", "1.1", check=False)  # what a SLURM job runs
+    assert drained.returncode == 1 and "FAILED p1-1-lc2" in drained.stderr
+    status = aeselect(project, "status", "1.1", check=False).stdout
+    assert re.search(r"p1-1-lc2 +failed  log: hpc/logs/phase1_1-local\d+-p1-1-lc2.log", status)
+    kept = aeselect(project, "queue", "1.1", "--no-retry").stdout
+    assert "p1-1-lc2: already failed; not queued again" in kept
+
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(project / "data" / "raw" / f"img{i}.png")
+    git(project, "add", "data/raw")
+    git(project, "commit", "-q", "-m", "add images")
+
+    rerun = aeselect(project, "run", "1.1")
+    assert "p1-1-lc2_2: queued (again: p1-1-lc2 failed)" in rerun.stdout
+    assert "p1-1-lc2_2: success" in rerun.stdout
+    # A drainer's claim record on the same name that is older than the run never overrides it.
+    claim = {"name": "p1-1-lc2_2", "overrides": {}, "status": "failed", "log": "x.log"}
+    claim |= {"claimed_at": "2000-01-01T00:00:00"}
+    (project / DRAIN_DIR).mkdir(parents=True, exist_ok=True)
+    (project / DRAIN_DIR / "p1-1-lc2_2.json").write_text(json.dumps(claim))
+    status = aeselect(project, "status", "1.1").stdout
+    assert re.search(r"p1-1-lc2 +failed, superseded by p1-1-lc2_2", status), status
+    assert re.search(r"p1-1-lc2_2 +success\n", status), status
+    aeselect(project, "promote", "1.1")
+    assert decision(project, "1.1")["winner"] == "p1-1-lc2_2"
