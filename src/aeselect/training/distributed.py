@@ -111,7 +111,9 @@ def launch(cfg: Config, stage_args: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as failed:
-        if {failure.exitcode for failure in failed.failures.values()} == {PREEMPTED_EXIT_CODE}:
+        # A rank exits 75 only after the barrier behind rank 0's complete snapshot; torchrun
+        # then tears down the ranks still exiting, which it reports as failures of their own.
+        if failed.get_first_failure()[1].exitcode == PREEMPTED_EXIT_CODE:
             return PREEMPTED_EXIT_CODE
         print(f"[train] a training process failed:\n{failed.format_msg()}", file=sys.stderr)
         return 1
