@@ -171,6 +171,14 @@ class RankSlice(Sampler[list[int]]):
             yield batch[self.rank.rank * size : (self.rank.rank + 1) * size]
 
 
+def batch_rows(rank_batch_size: int) -> tuple[int, int] | None:
+    """(first row, global batch size) of this rank's slice; None with one process."""
+    rank = this_rank()
+    if not rank.distributed:
+        return None
+    return rank.rank * rank_batch_size, rank.world_size * rank_batch_size
+
+
 def shard(batches: Sampler[list[int]]) -> Sampler[list[int]]:
     rank = this_rank()
     return RankSlice(batches, rank) if rank.distributed else batches

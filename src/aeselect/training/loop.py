@@ -188,7 +188,11 @@ def train(
             group["lr"] = lr_at(step, cfg)
 
         with runtime.autocast():
-            out = forward(images, generator=step_generator(cfg.seed, step, runtime.device))
+            out = forward(
+                images,
+                generator=step_generator(cfg.seed, step, runtime.device),
+                batch_rows=distributed.batch_rows(len(images)),
+            )
         loss, terms = compute_loss(out, images, targets, cfg.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -265,7 +269,8 @@ def train(
             distributed.barrier()  # the others exit only once rank 0's snapshot is complete
             progress.close()
             raise Preempted(
-                f"stopped at step {done} on signal {stop.requested}; resume: {snapshot}"
+                f"stopped at step {done} on signal {stop.requested or 'to another rank'}; "
+                f"resume: {snapshot}"
             )
     progress.close()
 
