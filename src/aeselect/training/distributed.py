@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
-from aeselect.config import Config
+from aeselect.config import Config, ConfigError
 from aeselect.envvars import NPROC_ENV, THREADS_ENV
 from aeselect.training.resume import PREEMPTED_EXIT_CODE
 
@@ -69,7 +69,7 @@ def this_rank() -> Rank:
 def processes_per_node() -> int:
     raw = os.environ.get(NPROC_ENV, "1")
     if not raw.strip().isdigit() or int(raw) < 1:
-        raise ValueError(f"{NPROC_ENV}={raw!r}: expected a whole number of processes >= 1")
+        raise ConfigError(f"{NPROC_ENV}={raw!r}: expected a whole number of processes >= 1")
     return int(raw)
 
 
@@ -80,7 +80,7 @@ def must_launch() -> bool:
 
 def check_batch_size(batch_size: int, world_size: int) -> None:
     if batch_size % world_size:
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size={batch_size} (the global batch) does not split evenly over "
             f"{world_size} processes ({NPROC_ENV}); use a multiple of {world_size}"
         )
