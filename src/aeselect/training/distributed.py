@@ -101,7 +101,8 @@ def launch(cfg: Config, stage_args: list[str]) -> int:
     check_batch_size(cfg.train.batch_size, processes)
     # The cores of this experiment, shared between its ranks (torchrun would give each one).
     cores = int(os.environ.get(THREADS_ENV, cfg.train.num_threads) or 0)
-    os.environ[THREADS_ENV] = str(max(1, (cores or len(os.sched_getaffinity(0))) // processes))
+    per_rank = str(max(1, (cores or len(os.sched_getaffinity(0))) // processes))
+    os.environ[THREADS_ENV] = os.environ["OMP_NUM_THREADS"] = per_rank
     # SIGUSR1 goes to a rank (the drainer's pidfile names rank 0), never through torchrun, which
     # would give the ranks 30 s and then kill them; it must not end this launcher either.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
