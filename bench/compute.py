@@ -5,13 +5,26 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import BenchError, Result, Stats, alternate, demo_config, demo_data, log, ratio_stats
+from _common import (
+    ROOT,
+    BenchError,
+    Result,
+    Stats,
+    alternate,
+    demo_config,
+    demo_data,
+    log,
+    ratio_stats,
+    run_cmd,
+    tool_env,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Hardware
@@ -577,4 +590,59 @@ def bench_throughput(workdir: Path, quick: bool) -> Result:
         "throughput", "prepare() 512px -> 512 (real study)", Stats(at512), "images/s", note=note
     )
     res.add("throughput", "prepare() 512px -> 64 (demo size)", Stats(at64), "images/s")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark 7: the train stage as 1 process against N DDP processes (torchrun)
+
+
+def train_stage_images_per_s(workspace: Path, processes: int, threads: int) -> float:
+    """`python -m aeselect train` as `processes` ranks; the images/s it logs (no eval time)."""
+    from aeselect.envvars import NPROC_ENV, THREADS_ENV
+
+    shutil.rmtree(workspace / "results", ignore_errors=True)
+    shutil.rmtree(workspace / "models", ignore_errors=True)
+    env = {"PYTHONPATH": str(ROOT / "src"), NPROC_ENV: str(processes), THREADS_ENV: str(threads)}
+    run_cmd([sys.executable, "-m", "aeselect", "train"], workspace, timeout=1200, env=tool_env(env))
+    return json.loads((workspace / "results/train/metrics.json").read_text())["images_per_s"]
+
+
+def bench_ddp(workdir: Path, quick: bool) -> Result:
+    import yaml
+
+    from aeselect.config import apply_overrides, read_yaml
+
+    res = Result()
+    gpus = torch.cuda.device_count()
+    processes = max(2, gpus)
+    # The ideal speed-up: N on N GPUs; 1 on the CPU, where the ranks share the same cores.
+    ideal = processes if gpus else 1
+    cores = len(os.sched_getaffinity(0))
+    steps = 20 if quick else 100
+    overrides = {"train.max_steps": steps, "train.eval_every": steps}
+    workspace = workdir / "ddp"
+    (workspace / "data").mkdir(parents=True)
+    (workspace / "data/prepared").symlink_to(demo_data(workdir).directory.resolve())
+    raw = apply_overrides(read_yaml(ROOT / "params.yaml"), overrides)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(raw))
+    single, multi = alternate(
+        1 if quick else 2,
+        lambda: train_stage_images_per_s(workspace, 1, cores),
+        lambda: train_stage_images_per_s(workspace, processes, cores),
+    )
+    where = f"{gpus} GPUs" if gpus else f"CPU, {cores} cores shared"
+    res.add("ddp", "train stage, 1 process", Stats(single), "img/s", note=where)
+    res.add("ddp", f"train stage, {processes} processes (DDP)", Stats(multi), "img/s", note=where)
+    if gpus:
+        per_gpu = Stats([value / processes for value in multi])
+        res.add("ddp", f"  per GPU, {processes} processes", per_gpu, "img/s")
+    efficiency = Stats([m / (s * ideal) for m, s in zip(multi, single, strict=True)])
+    res.add(
+        "ddp",
+        "scaling efficiency",
+        efficiency,
+        "x",
+        note=f"speed-up / {ideal} (ideal); batch {raw['train']['batch_size']}, {steps} steps",
+    )
     return res

@@ -27,6 +27,7 @@ BENCHMARKS = {
     "dvc": "4. DVC overhead per experiment vs its empty-stage floor",
     "queue": "5. 4 queued tiny experiments, -j 1 vs -j 2",
     "throughput": "6. evaluate and prepare throughput",
+    "ddp": "7. train stage: 1 process vs N DDP processes (torchrun)",
 }
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
@@ -42,6 +43,7 @@ def runner(name: str):
         "dvc": pipeline.bench_dvc,
         "queue": pipeline.bench_queue,
         "throughput": compute.bench_throughput,
+        "ddp": compute.bench_ddp,
     }[name]
 
 

@@ -4,3 +4,6 @@ Kept in a module without heavy imports, so the CLI can name them without importi
 """
 
 THREADS_ENV = "AESELECT_NUM_THREADS"  # CPU threads per experiment: cores / parallel experiments
+# Training processes (DDP ranks) on this node, one per GPU: set by the drainer when one experiment
+# gets the whole allocation, or by hand. Hardware, not a param: it never changes what is trained.
+NPROC_ENV = "AESELECT_NPROC_PER_NODE"

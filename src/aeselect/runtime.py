@@ -18,7 +18,7 @@ import torch
 
 from aeselect.cluster.gpu import claim_gpu
 from aeselect.config import TrainConfig
-from aeselect.envvars import THREADS_ENV
+from aeselect.envvars import NPROC_ENV, THREADS_ENV
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,9 @@ def select_runtime(cfg: TrainConfig) -> Runtime:
         raise RuntimeError(
             "train.device is 'cuda' but no CUDA device is visible; use train.device=auto"
         )
-    gpu = claim_gpu() if cfg.device != "cpu" else None  # before CUDA initialises
+    # Under torchrun each rank takes GPU LOCAL_RANK of those handed to the run; no claim.
+    local_rank = os.environ.get("LOCAL_RANK")
+    gpu = claim_gpu() if cfg.device != "cpu" and local_rank is None else None  # before CUDA init
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     threads = int(os.environ.get(THREADS_ENV, cfg.num_threads) or 0)
     if threads > 0:
@@ -71,6 +73,14 @@ def select_runtime(cfg: TrainConfig) -> Runtime:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        if local_rank is not None:
+            if int(local_rank) >= torch.cuda.device_count():
+                raise RuntimeError(
+                    f"{NPROC_ENV} asks for more processes than the {torch.cuda.device_count()} "
+                    f"visible GPUs (CUDA_VISIBLE_DEVICES="
+                    f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}); one process per GPU"
+                )
+            torch.cuda.set_device(int(local_rank))
         return Runtime(
             torch.device("cuda", torch.cuda.current_device()),
             bf16=cfg.bf16 and torch.cuda.is_bf16_supported(),

@@ -9,6 +9,7 @@ Imports happen inside each entry so a stage loads only what it uses (prepare nee
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -51,22 +52,34 @@ def run_prepare(cfg: Config) -> None:
 
 
 def run_train(cfg: Config) -> None:
+    """One training process: the only one, or one rank under torchrun (see
+    aeselect.training.distributed), where rank 0 alone touches the outputs and the snapshot."""
     from aeselect.data.dataset import PREPARED_DIR, PreparedData
-    from aeselect.training import resume
+    from aeselect.training import distributed, resume
     from aeselect.training.checkpoint import MODELS_DIR
     from aeselect.training.loop import TRAIN_LIVE_DIR, train
 
+    rank = distributed.this_rank()
     data = PreparedData.load(PREPARED_DIR)
     snapshot = resume.snapshot_dir(cfg, PREPARED_DIR)
-    state = resume.restore_snapshot(snapshot, [MODELS_DIR, TRAIN_LIVE_DIR])
-    try:
-        with open_live(TRAIN_LIVE_DIR, resume=state is not None) as live:
-            result = train(cfg, data, MODELS_DIR, live, resume_state=state, snapshot=snapshot)
-    except resume.Preempted as stopped:
-        print(f"[train] {stopped}", file=sys.stderr)
-        sys.exit(resume.PREEMPTED_EXIT_CODE)
-    resume.discard_snapshot(snapshot)
-    print(f"[train] {json.dumps(result.__dict__)}", file=sys.stderr)
+    with distributed.process_group(rank):
+        if rank.is_main:
+            state = resume.restore_snapshot(snapshot, [MODELS_DIR, TRAIN_LIVE_DIR])
+            live = open_live(TRAIN_LIVE_DIR, resume=state is not None)
+        else:
+            state, live = resume.load_snapshot_state(snapshot), contextlib.nullcontext()
+        try:
+            with live as main_live:
+                result = train(
+                    cfg, data, MODELS_DIR, main_live, resume_state=state, snapshot=snapshot
+                )
+        except resume.Preempted as stopped:
+            if rank.is_main:
+                print(f"[train] {stopped}", file=sys.stderr)
+            sys.exit(resume.PREEMPTED_EXIT_CODE)
+    if rank.is_main:
+        resume.discard_snapshot(snapshot)
+        print(f"[train] {json.dumps(result.__dict__)}", file=sys.stderr)
 
 
 def run_evaluate(cfg: Config) -> None:

@@ -297,14 +297,19 @@ def test_phase_drains_in_one_job_one_gpu_per_experiment(slurm_cluster, tmp_path)
     assert f"job {job} SLURM_RESTART_COUNT=0 CUDA_VISIBLE_DEVICES=0,1" in job_log(project, job)
 
 
-def train_metrics(project: Path, name: str) -> dict:
-    """A finished experiment's train summary without the timing and device, which may differ."""
+def experiment_metrics(project: Path, name: str) -> dict:
+    """A finished experiment's train summary, from `dvc exp show`."""
     for baseline in exp_show(project):
         for exp in baseline.get("experiments") or []:
             if exp.get("name") == name:
-                data = exp["revs"][0]["data"]["metrics"]["results/train/metrics.json"]["data"]
-                return {k: v for k, v in data.items() if k not in {*TIMING, "device"}}
+                return exp["revs"][0]["data"]["metrics"]["results/train/metrics.json"]["data"]
     raise AssertionError(f"{name} not in dvc exp show")
+
+
+def train_metrics(project: Path, name: str) -> dict:
+    """The train summary without the timing and device, which may differ."""
+    data = experiment_metrics(project, name)
+    return {k: v for k, v in data.items() if k not in {*TIMING, "device"}}
 
 
 LONG = {
@@ -341,13 +346,16 @@ def test_preempted_job_requeues_and_resumes_bit_identically(slurm_cluster, tmp_p
     assert 0 < stopped < LONG["train.max_steps"], experiment_log
     assert f"resumed at step {stopped}" in experiment_log
 
-    # The same run uninterrupted, with the thread count the drainer gave (cores / 2 jobs);
+    # The phase's one experiment got both (fake) GPUs: 2 DDP ranks, on gloo as there is no CUDA.
+    assert "started on GPU 0,1" in out
+    assert "2 processes (DDP)" in experiment_metrics(project, "p1-1-long")["device"]
+    # The same run uninterrupted, as the drainer ran it: 2 ranks sharing both cores;
     # --force: not the run cache's copy of the drained result.
     sets = [arg for k, v in LONG.items() for arg in ("-S", f"{k}={v}")]
     straight = subprocess.run(
         ["dvc", "exp", "run", "--temp", "--force", "-n", "straight", *sets],
         cwd=project,
-        env={**env, "AESELECT_NUM_THREADS": "1"},
+        env={**env, "AESELECT_NUM_THREADS": "2", "AESELECT_NPROC_PER_NODE": "2"},
         capture_output=True,
         text=True,
         timeout=300,

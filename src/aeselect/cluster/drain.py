@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from aeselect.dvc import dvc_env, dvc_executable
-from aeselect.envvars import THREADS_ENV
+from aeselect.envvars import NPROC_ENV, THREADS_ENV
 from aeselect.phases.experiments import (
     DRAIN_DIR,
     canonical_params,
@@ -197,14 +197,18 @@ def signal_descendant(pid: int, ancestor: int, signum: int) -> bool:
 
 class Drainer:
     def __init__(self, repo: Path, spec: PhaseSpec, jobs: int):
-        self.repo, self.spec, self.jobs = repo, spec, jobs
+        # As `phase run`: never more slots than experiments, so a one-experiment phase (the
+        # final training) gets every core.
+        self.repo, self.spec, self.jobs = repo, spec, max(1, min(jobs, len(spec.names())))
         self.job_id = os.environ.get("SLURM_JOB_ID", f"local{os.getpid()}")
         self.running: dict[str, subprocess.Popen] = {}
         self.stop_signal: int | None = None
-        # GPUs of the allocation, handed out one per running experiment and taken back at its end.
+        # GPUs of the allocation, handed out one per running experiment and taken back at its end;
+        # a phase of one experiment (the final training) gets them all, one DDP rank per GPU.
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         self.free_gpus = [d.strip() for d in visible.split(",") if d.strip()]
-        self.gpu_of: dict[str, str] = {}
+        self.gpus_per_experiment = len(self.free_gpus) if len(spec.names()) == 1 else 1
+        self.gpus_of: dict[str, list[str]] = {}
 
     def on_signal(self, signum: int, frame: Any) -> None:
         """Stop starting experiments; ask running trainings to snapshot and exit (once)."""
@@ -229,7 +233,9 @@ class Drainer:
         # compute with the same thread count to stay bit-identical.
         extra = {THREADS_ENV: str(max(1, _cpus() // self.jobs)), PIDFILE_ENV: str(pidfile)}
         if self.free_gpus:
-            self.gpu_of[claim.name] = extra["CUDA_VISIBLE_DEVICES"] = self.free_gpus.pop(0)
+            gpus = self.gpus_of[claim.name] = self.free_gpus[: self.gpus_per_experiment]
+            del self.free_gpus[: self.gpus_per_experiment]
+            extra |= {"CUDA_VISIBLE_DEVICES": ",".join(gpus), NPROC_ENV: str(len(gpus))}
         env = dvc_env(extra)
         args = dvc_command(claim.name, claim.overrides)
         args[args.index("--queue")] = "--temp"
@@ -248,12 +254,11 @@ class Drainer:
         claim.status, claim.log = "running", str(log.relative_to(self.repo))
         claim.jobs.append(self.job_id)
         claim.save(self.repo)
-        gpu = self.gpu_of.get(claim.name, "none")
-        print(f"[drain] {claim.name}: started on GPU {gpu}, log {claim.log}", file=sys.stderr)
+        gpus = ",".join(self.gpus_of.get(claim.name, [])) or "none"
+        print(f"[drain] {claim.name}: started on GPU {gpus}, log {claim.log}", file=sys.stderr)
 
     def finish(self, claim: Claim, returncode: int) -> None:
-        if claim.name in self.gpu_of:
-            self.free_gpus.append(self.gpu_of.pop(claim.name))
+        self.free_gpus += self.gpus_of.pop(claim.name, [])
         claim.returncode = returncode
         if returncode == 0:
             claim.status = "success"

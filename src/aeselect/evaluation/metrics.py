@@ -183,10 +183,15 @@ class AuxScore:
             raise ValueError(
                 f"the edges task has 2 classes (0 = background, 1 = edge), got {num_classes}"
             )
+        # The scores of this process's batches alone: under DDP only rank 0 validates, and
+        # torchmetrics would otherwise wait in compute() for the other ranks to sync.
+        local = {"sync_on_compute": False}
         self.scores = {
-            "aux_pixel_acc": MulticlassAccuracy(num_classes, average="micro"),
+            "aux_pixel_acc": MulticlassAccuracy(num_classes, average="micro", **local),
             "aux_f1" if task == "edges" else "aux_miou": (
-                BinaryF1Score() if task == "edges" else MulticlassJaccardIndex(num_classes)
+                BinaryF1Score(**local)
+                if task == "edges"
+                else MulticlassJaccardIndex(num_classes, **local)
             ),
         }
         for score in self.scores.values():

@@ -180,15 +180,21 @@ class Autoencoder(nn.Module):
         return self.decoder(latents) * 0.5 + 0.5
 
     def forward(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        batch_rows: tuple[int, int] | None = None,
     ) -> AutoencoderOutput:
+        """`batch_rows` = (first row, size of the whole batch) when `images` is one DDP rank's
+        slice: the noise of the whole batch is drawn and sliced, as the unsplit batch would."""
         mean, logvar = self.encode_moments(images)
         latent = mean
         if logvar is not None and self.training:
+            first, total = batch_rows or (0, len(mean))
             # torch.randn with an explicit generator keeps sampling on the run's one seed.
             noise = torch.randn(
-                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
-            )
+                (total, *mean.shape[1:]), generator=generator, device=mean.device, dtype=mean.dtype
+            )[first : first + len(mean)]
             latent = mean + torch.exp(0.5 * logvar) * noise
         return AutoencoderOutput(
             reconstruction=self.decode(latent),

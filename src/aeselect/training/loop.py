@@ -22,6 +22,7 @@ from aeselect.evaluation import metrics
 from aeselect.evaluation.images import reconstruction_grid
 from aeselect.model import Autoencoder
 from aeselect.runtime import Runtime, seed_everything, select_runtime, step_generator
+from aeselect.training import distributed
 from aeselect.training.checkpoint import BEST, LAST, save_checkpoint
 from aeselect.training.loss import compute_loss
 from aeselect.training.resume import Preempted, StopRequest, save_snapshot
@@ -107,11 +108,13 @@ def _raise_if_nonfinite(window: list[dict[str, torch.Tensor]], first_step: int) 
 def build_model(
     cfg: Config, aux_classes: int, runtime: Runtime
 ) -> tuple[Autoencoder, torch.nn.Module, torch.optim.Optimizer]:
-    """The model on its device and layout, its (optionally compiled) forward, and AdamW."""
+    """The model on its device and layout, its (DDP-wrapped, optionally compiled) forward, and
+    AdamW."""
     model = Autoencoder(cfg.model, aux_classes).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if runtime.compile else model
+    trained = distributed.wrap(model, runtime.device)
+    forward = torch.compile(trained) if runtime.compile else trained
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.train.lr,
@@ -126,13 +129,17 @@ def train(
     cfg: Config,
     data: PreparedData,
     models_dir: Path,
-    live: Live,
+    live: Live | None,
     *,
     resume_state: dict | None = None,
     snapshot: Path | None = None,
 ) -> TrainResult:
     """Train from scratch, or from `resume_state`; with `snapshot` set, SIGUSR1/SIGTERM stop the
-    run at the next log boundary with a resume snapshot there (raises Preempted)."""
+    run at the next log boundary with a resume snapshot there (raises Preempted).
+
+    Under torchrun every rank calls this; rank 0 alone gets `live` and writes anything.
+    """
+    rank = distributed.this_rank()
     runtime = select_runtime(cfg.train)
     seed_everything(cfg.seed)
     print(f"[train] device {runtime.describe()}, bf16={runtime.bf16}", file=sys.stderr)
@@ -152,19 +159,24 @@ def train(
         loss_history, val_history = resume_state["loss_history"], resume_state["val_history"]
         train_seconds = resume_state["train_seconds"]
         print(f"[train] resumed at step {start_step} from {snapshot}", file=sys.stderr)
-    stop = StopRequest() if snapshot is not None else None
+    stop = StopRequest(announce=rank.is_main) if snapshot is not None else None
     sampler = StepBatchSampler(
         len(data.dataset("train")), cfg.train.batch_size, cfg.seed, start_step, cfg.train.max_steps
     )
     loader = make_loader(
         data.dataset("train"),
-        batch_sampler=sampler,
+        batch_sampler=distributed.shard(sampler),
         num_workers=cfg.train.num_workers,
         pin_memory=runtime.device.type == "cuda",
     )
 
     window: list[dict[str, torch.Tensor]] = []
-    progress = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not sys.stderr.isatty())
+    progress = tqdm(
+        total=cfg.train.max_steps,
+        initial=start_step,
+        disable=not (rank.is_main and sys.stderr.isatty()),
+    )
+    stop_now = False
     model.train()
     tick = time.perf_counter()
     for step, (raw_images, raw_targets) in enumerate(loader, start=start_step):
@@ -175,7 +187,11 @@ def train(
             group["lr"] = lr_at(step, cfg)
 
         with runtime.autocast():
-            out = forward(images, generator=step_generator(cfg.seed, step, runtime.device))
+            out = forward(
+                images,
+                generator=step_generator(cfg.seed, step, runtime.device),
+                batch_rows=distributed.batch_rows(len(images)),
+            )
         loss, terms = compute_loss(out, images, targets, cfg.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -187,18 +203,24 @@ def train(
 
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+            window = distributed.mean_over_ranks(window)
             _raise_if_nonfinite(window, done - len(window))
             loss_history += torch.stack([t["total"] for t in window]).tolist()
-            live.step = done
-            for name in window[0]:
-                live.log_metric(
-                    f"loss/{name}", torch.stack([t[name] for t in window]).mean().item()
-                )
-            live.log_metric("lr", lr_at(step, cfg))
+            if live is not None:
+                live.step = done
+                for name in window[0]:
+                    live.log_metric(
+                        f"loss/{name}", torch.stack([t[name] for t in window]).mean().item()
+                    )
+                live.log_metric("lr", lr_at(step, cfg))
             progress.set_postfix(loss=f"{float(window[-1]['total']):.4f}")
             window = []
+            # Every rank stops at the same boundary when any one of them was signalled.
+            stop_now = stop is not None and distributed.any_rank(
+                stop.requested is not None, runtime.device
+            )
 
-        if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
+        if live is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
             train_seconds += time.perf_counter() - tick
             val, originals, reconstructions = validate(
                 forward, data, cfg, runtime, cfg.evaluate.num_sample_images
@@ -228,9 +250,8 @@ def train(
             )
             tick = time.perf_counter()
 
-        if stop is not None and stop.requested and not window:  # only at a log boundary
+        if stop_now:
             train_seconds += time.perf_counter() - tick
-            live.make_summary()
             state = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -241,21 +262,29 @@ def train(
                 "val_history": val_history,
                 "train_seconds": train_seconds,
             }
-            save_snapshot(snapshot, state, [models_dir, Path(live.dir)])
+            if live is not None:
+                live.make_summary()
+                save_snapshot(snapshot, state, [models_dir, Path(live.dir)])
+            distributed.barrier()  # the others exit only once rank 0's snapshot is complete
             progress.close()
             raise Preempted(
-                f"stopped at step {done} on signal {stop.requested}; resume: {snapshot}"
+                f"stopped at step {done} on signal {stop.requested or 'to another rank'}; "
+                f"resume: {snapshot}"
             )
     progress.close()
 
     # train_seconds spans every segment of a resumed run, so the steps counted must too.
     images_per_s = cfg.train.max_steps * cfg.train.batch_size / max(train_seconds, 1e-9)
+    result = TrainResult(best_val_mse, best_step, train_seconds, images_per_s)
+    if live is None:
+        return result
     live.log_metric("best/val_mse", best_val_mse, plot=False)
     live.log_metric("best/step", best_step, plot=False)
     live.log_metric("train_time_s", train_seconds, plot=False)
     live.log_metric("images_per_s", images_per_s, plot=False)
-    live.log_metric("device", runtime.describe(), plot=False)
+    processes = f", {rank.world_size} processes (DDP)" if rank.distributed else ""
+    live.log_metric("device", runtime.describe() + processes, plot=False)
     for name, value in metrics.training_stability(loss_history, val_history).items():
         live.log_metric(f"stability/{name}", value, plot=False)
     live.make_summary()  # records the final step (a resumed Live would keep the snapshot's)
-    return TrainResult(best_val_mse, best_step, train_seconds, images_per_s)
+    return result

@@ -33,14 +33,22 @@ class Preempted(Exception):
 
 
 class StopRequest:
-    """Set by SIGUSR1/SIGTERM; the loop polls it at log boundaries (no work inside the handler)."""
+    """Set by SIGUSR1/SIGTERM; the loop polls it at log boundaries (no work inside the handler).
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+    `announce`: write this pid to the drainer's pidfile (rank 0 only, when there are several).
+    """
+
+    def __init__(
+        self,
+        signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM),
+        *,
+        announce: bool = True,
+    ):
         self.requested: int | None = None
         for signum in signals:
             signal.signal(signum, self._handle)
         pidfile = os.environ.get(PIDFILE_ENV)
-        if pidfile:  # tells a drainer where to forward its stop request, now that it is handled
+        if pidfile and announce:  # where a drainer forwards its stop request, now it is handled
             Path(pidfile).write_text(str(os.getpid()))
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -75,12 +83,19 @@ def save_snapshot(directory: Path, state: dict[str, Any], outputs: list[Path]) -
 
 def restore_snapshot(directory: Path | None, outputs: list[Path]) -> dict[str, Any] | None:
     """Put the snapshot's outputs back in place and return its state, or None if there is none."""
+    state = load_snapshot_state(directory)
+    if state is not None:
+        for output in outputs:
+            shutil.rmtree(output, ignore_errors=True)
+            if (directory / output.name).exists():
+                shutil.copytree(directory / output.name, output)
+    return state
+
+
+def load_snapshot_state(directory: Path | None) -> dict[str, Any] | None:
+    """The snapshot's training state alone: what ranks other than 0 resume from."""
     if directory is None or not (directory / STATE_FILE).exists():
         return None
-    for output in outputs:
-        shutil.rmtree(output, ignore_errors=True)
-        if (directory / output.name).exists():
-            shutil.copytree(directory / output.name, output)
     return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
 
 
