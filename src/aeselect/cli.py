@@ -22,22 +22,6 @@ def _stage(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _train(args: argparse.Namespace) -> int:
-    """The train stage; asked for several processes (AESELECT_NPROC_PER_NODE), this process
-    becomes their torchrun launcher and each rank runs this same command."""
-    from aeselect.training import distributed
-
-    cfg = load_config(args.params)  # validated once, before any rank starts
-    if distributed.must_launch():
-        return distributed.launch(cfg, ["train", "--params", args.params])
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    from aeselect import stages
-
-    record(stages.run_train)(cfg)  # a rank's error reaches torchrun's failure report
-    return 0
-
-
 def _check(args: argparse.Namespace) -> int:
     cfg = load_config(args.params)
     h, w, c = cfg.latent_shape
@@ -62,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
-        sub.set_defaults(func={"check": _check, "train": _train}.get(name) or _stage(name))
+        sub.set_defaults(func=_check if name == "check" else _stage(name))
 
     demo = commands.add_parser("demo", help="what `make run` does: all of Phase 1 on demo data")
     from aeselect.demo import add_demo_arguments

@@ -103,12 +103,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
-    entry = globals()[f"run_{args.stage}"]
     try:
-        entry(load_config(args.params))
+        cfg = load_config(args.params)  # validated once, before any rank starts
+        if args.stage == "train":
+            return train_entry(cfg, args.params)
+        globals()[f"run_{args.stage}"](cfg)
     except ConfigError as err:
         print(f"aeselect: config error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def train_entry(cfg: Config, params: str) -> int:
+    """Asked for several processes (AESELECT_NPROC_PER_NODE), this process becomes their torchrun
+    launcher and each rank runs this same command; alone, it trains."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from aeselect.training import distributed
+
+    if distributed.must_launch():
+        return distributed.launch(cfg, ["train", "--params", params])
+    record(run_train)(cfg)  # a rank's error reaches torchrun's failure report
     return 0
 
 

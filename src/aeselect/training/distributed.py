@@ -87,7 +87,7 @@ def check_batch_size(batch_size: int, world_size: int) -> None:
 
 
 def launch(cfg: Config, stage_args: list[str]) -> int:
-    """Run `python -m aeselect <stage_args>` as N ranks under torchrun, on this node.
+    """Run `python -m aeselect.stages <stage_args>` as N ranks under torchrun, on this node.
 
     Returns the stage's exit code: 0, PREEMPTED_EXIT_CODE when the ranks stopped on a signal
     after rank 0 saved the snapshot, 1 when a rank failed (torchrun's report names it and its
@@ -107,7 +107,7 @@ def launch(cfg: Config, stage_args: list[str]) -> int:
     # would give the ranks 30 s and then kill them; it must not end this launcher either.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     args = parse_args(
-        ["--standalone", f"--nproc-per-node={processes}", "-m", "aeselect", *stage_args]
+        ["--standalone", f"--nproc-per-node={processes}", "-m", "aeselect.stages", *stage_args]
     )
     try:
         run(args)
