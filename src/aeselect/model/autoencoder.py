@@ -19,9 +19,19 @@ from aeselect.config import ModelConfig
 LOGVAR_RANGE = (-30.0, 20.0)  # as diffusers' DiagonalGaussianDistribution
 
 
+MIN_CHANNELS_PER_GROUP = 4
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with up to 32 groups, as many as divide `channels`."""
-    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+    """GroupNorm with up to 32 groups (SD's), each of at least MIN_CHANNELS_PER_GROUP channels.
+
+    One channel per group is instance norm, which makes a layer blind to each channel's mean
+    and scale over the image: the network then cannot carry an image's colour past it and
+    smuggles it through spikes instead (StyleGAN2's droplets), seen as colour casts, dots at
+    fixed positions and a frame along the border at the demo's narrow widths (16 channels).
+    """
+    groups = math.gcd(32, max(1, channels // MIN_CHANNELS_PER_GROUP))
+    return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 class ResBlock(nn.Module):
