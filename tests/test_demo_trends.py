@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from aeselect.config import apply_overrides, from_dict, read_yaml
 from aeselect.data.dataset import PreparedData, make_loader, to_model_input
@@ -26,8 +27,6 @@ from aeselect.phases.spec import load_phase
 from aeselect.stages import open_live
 from aeselect.training.checkpoint import BEST, load_checkpoint, model_from_checkpoint
 from aeselect.training.loop import train
-
-from .conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
