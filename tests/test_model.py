@@ -1,10 +1,12 @@
-"""Model shapes for every phase configuration, and the variational/deterministic contract."""
+"""Model shapes for every phase configuration, the variational/deterministic contract, and the
+two init/normalisation choices that decide whether the demo's small models learn at all."""
 
 import pytest
 import torch
 
 from aeselect.config import from_dict
 from aeselect.model import Autoencoder
+from aeselect.model.autoencoder import ResBlock, group_norm
 
 # (image_size, downsampling_steps, latent_channels, base_channels, variational): Phase 1's sweeps
 # at demo scale, plus the 512px shapes of phase 1.2 checked on the encoder arithmetic alone.
@@ -82,3 +84,22 @@ def test_more_base_channels_means_more_parameters():
         for base in (16, 32, 64)
     ]
     assert counts[0] < counts[1] < counts[2]
+
+
+@pytest.mark.parametrize("channels", [8, 16, 32, 64, 128])
+def test_group_norm_keeps_each_images_channel_means(channels):
+    """Spatially constant channels with distinct values survive the norm (instance norm, one
+    channel per group, maps them all to zero: the colour of a flat region would be lost)."""
+    features = (
+        torch.arange(channels, dtype=torch.float32)
+        .view(1, channels, 1, 1)
+        .expand(1, channels, 8, 8)
+    )
+    assert group_norm(channels)(features).abs().mean() > 0.5
+
+
+def test_a_new_res_block_is_the_identity():
+    """Residual branches start at zero, so a new network is shallow from latent to pixels."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8, 8)
+    assert torch.equal(ResBlock(16, 16)(x), x)

@@ -1,7 +1,8 @@
-"""The synthetic scenes: reproducible bytes, several classes per dataset, real texture."""
+"""The synthetic scenes: reproducible bytes, several classes, photo-like statistics, no noise."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,46 @@ def test_images_are_textured_not_flat(tmp_path: Path) -> None:
         # Horizontal pixel differences: high-frequency content exists somewhere in the image.
         assert np.abs(np.diff(image.astype(int), axis=1)).max() > 60
         assert mask.shape == image.shape[:2]
+
+
+def _gray_stack(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    scenes = _scenes(folder)
+    gray = np.stack([image.astype(np.float64).mean(axis=2) for image, _ in scenes])
+    return gray, np.stack([mask for _, mask in scenes])
+
+
+def test_power_spectrum_falls_like_photographs(tmp_path: Path) -> None:
+    """Dead leaves are scale-invariant: power ~ 1/f^a with a near 2 (photos) to 3, not flat."""
+    generate_scenes(tmp_path, num_images=16, image_size=64, num_classes=5, seed=0)
+    gray, _ = _gray_stack(tmp_path)
+    power = np.abs(np.fft.fft2(gray - gray.mean(axis=(1, 2), keepdims=True))) ** 2
+    freq = np.hypot(*np.meshgrid(np.fft.fftfreq(64), np.fft.fftfreq(64), indexing="ij"))
+    edges = np.geomspace(2 / 64, 0.5, 8)
+    band_power = [
+        power.mean(axis=0)[(freq >= lo) & (freq < hi)].mean()
+        for lo, hi in itertools.pairwise(edges)
+    ]
+    slope = np.polyfit(np.log(np.sqrt(edges[:-1] * edges[1:])), np.log(band_power), 1)[0]
+    assert -3.3 < slope < -1.7
+
+
+def test_surfaces_are_smooth_not_noisy(tmp_path: Path) -> None:
+    """Inside a surface (3x3 neighbourhood of one class) the Laplacian is small: shading and
+    band-limited texture only. I.i.d. noise of std 3 grey levels alone would give ~12."""
+    generate_scenes(tmp_path, num_images=16, image_size=64, num_classes=5, seed=0)
+    gray, masks = _gray_stack(tmp_path)
+    laplacian = np.abs(
+        4 * gray[:, 1:-1, 1:-1]
+        - gray[:, :-2, 1:-1]
+        - gray[:, 2:, 1:-1]
+        - gray[:, 1:-1, :-2]
+        - gray[:, 1:-1, 2:]
+    )
+    windows = np.lib.stride_tricks.sliding_window_view(masks, (3, 3), axis=(1, 2))
+    interior = windows.max(axis=(-1, -2)) == windows.min(axis=(-1, -2))
+    assert interior.mean() > 0.5
+    assert laplacian[interior].mean() < 6.0
+    assert laplacian[~interior].mean() > 5 * laplacian[interior].mean()  # edges stay sharp
 
 
 def test_large_images(tmp_path: Path) -> None:

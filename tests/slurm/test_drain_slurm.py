@@ -370,8 +370,8 @@ def test_failed_experiment_fails_the_job_and_is_reported(slurm_cluster, tmp_path
     project = phase_project(
         tmp_path,
         """\
-        ok: {model.latent_channels: 4}
-        broken: {model.latent_channels: 2, data.root: data/missing}
+        ok: {model.latent_channels: 4, data.source: synthetic}
+        broken: {model.latent_channels: 2, data.source: folder}  # data/raw/images: no such folder
         """,
     )
     env = job_env(slurm_cluster)
@@ -385,7 +385,7 @@ def test_failed_experiment_fails_the_job_and_is_reported(slurm_cluster, tmp_path
     line = next(ln for ln in status.stdout.splitlines() if "p1-1-broken" in ln)
     assert "failed" in line, status.stdout
     log = project / re.search(r"log: (\S+)", line)[1]
-    assert "data/missing" in log.read_text()
+    assert "data/raw/images does not exist" in log.read_text()
     assert str(log.relative_to(project)) in out  # the drainer named it in the job log too
 
 

@@ -1,4 +1,11 @@
-"""Deterministic ControlNet-like scenes: textured backgrounds, overlapping shapes, class masks.
+"""Deterministic dead-leaves scenes with per-pixel class masks: demo data with photo statistics.
+
+The dead-leaves model (occluding shapes whose radii follow a power law, p(r) ~ r^-3) is
+scale-invariant like photographs: its power spectrum falls as ~1/f^2, so most of the variance
+sits in large, smooth regions and detail thins out towards small scales. Every shape is smoothly
+shaded and carries a band-limited texture; nothing in a scene is i.i.d. pixel noise, which no
+autoencoder could compress. Each shape class draws one kind of shape, so the masks stay a layout
+a ControlNet can condition on.
 
 The scenes stand in for a real dataset so the whole pipeline runs offline; they are written as
 PNG files and read back through the same path as real images. Each scene has its own generator
@@ -48,57 +55,64 @@ SHAPES: dict[str, _Inside] = {
 }
 _SHAPE_FNS = list(SHAPES.values())
 
+# Radii as fractions of the image side: p(r) ~ r^-3 between these (the scale-invariant law).
+RADIUS_RANGE = (0.04, 0.7)
+SHAPES_PER_SCENE = (20, 50)
+# Band-limited texture: periods between these fractions of the image side, 1/f amplitudes.
+TEXTURE_PERIODS = (1 / 10, 1 / 2)
+TEXTURE_AMPLITUDE = 0.06  # largest texture std on a shape, in [0, 1] intensity units
+SHADING_STRENGTH = 0.35  # largest relative brightness change across a shape's radius
+
 
 def _supersampling(image_size: int) -> int:
     """Samples per pixel side for shape edges: 4x4 for small images, 2x2 keeps 512px fast."""
     return 4 if image_size <= 128 else 2
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A two-colour gradient, often overlaid with stripes, a checkerboard or pixel noise.
-
-    Evaluated at pixel centres: stripes are at least 2.5 px per period (below Nyquist) and
-    checker cells are whole pixels, so no supersampling is needed for the background.
-    """
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    c0, c1 = rng.random(3, dtype=np.float32), rng.random(3, dtype=np.float32)
-    angle = rng.uniform(0, 2 * math.pi)
-    t = x * math.cos(angle) + y * math.sin(angle)
-    t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
-    image = c0 + (c1 - c0) * t[..., None]
-    texture = rng.choice(["plain", "stripes", "checker", "noise"])
-    amplitude = rng.uniform(0.08, 0.3)
-    if texture == "stripes":
-        period, theta = rng.uniform(2.5, 8.0), rng.uniform(0, math.pi)
-        wave = np.sin(2 * math.pi * (x * math.cos(theta) + y * math.sin(theta)) / period)
-        image += amplitude * wave[..., None]
-    elif texture == "checker":
-        cell = int(rng.integers(1, 5))
-        checker = ((x // cell + y // cell) % 2) * 2 - 1
-        image += amplitude * checker[..., None]
-    elif texture == "noise":
-        image += rng.normal(0.0, amplitude / 2, (size, size, 3)).astype(np.float32)
-    return image
+def _power_law_radii(rng: np.random.Generator, count: int, image_size: int) -> np.ndarray:
+    """`count` radii in pixels with density ~ r^-3 on RADIUS_RANGE (inverse-CDF sampling)."""
+    low, high = (fraction * image_size for fraction in RADIUS_RANGE)
+    u = rng.random(count)
+    return (low**-2 - u * (low**-2 - high**-2)) ** -0.5
 
 
-def _fill(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
-    """Shape colour: mostly flat, sometimes shaded or finely striped (detail to preserve)."""
-    colour = rng.random(3, dtype=np.float32)
-    style = rng.choice(["flat", "flat", "shaded", "striped"])
-    if style == "shaded":
-        return colour * (0.6 + 0.4 * np.clip(0.5 - v / (2 * r), 0, 1))[..., None]
-    if style == "striped":
-        period = rng.uniform(2.0, 5.0)
-        second = rng.random(3, dtype=np.float32)
-        return np.where((np.sin(2 * math.pi * u / period) > 0)[..., None], colour, second)
-    return np.broadcast_to(colour, (*u.shape, 3))
+def _band_limited_textures(rng: np.random.Generator, size: int, count: int) -> np.ndarray:
+    """(count, size, size) unit-std fields: white noise filtered to a 1/f band of periods."""
+    noise = rng.standard_normal((count, size, size))
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(size), np.fft.rfftfreq(size), indexing="ij"))
+    low, high = 1 / (TEXTURE_PERIODS[1] * size), 1 / (TEXTURE_PERIODS[0] * size)
+    gain = np.where((f >= low) & (f <= high), 1 / np.maximum(f, 1e-9), 0.0)
+    fields = np.fft.irfft2(np.fft.rfft2(noise) * gain, s=(size, size))
+    fields /= fields.std(axis=(1, 2), keepdims=True)
+    return fields.astype(np.float32)
+
+
+def _colour(rng: np.random.Generator) -> np.ndarray:
+    """A surface colour: a lightness with a moderate, channel-correlated tint, as in photos."""
+    lightness = rng.uniform(0.08, 0.92)
+    return np.clip(lightness + rng.normal(0.0, 0.12, 3), 0.02, 0.98).astype(np.float32)
+
+
+def _surface(
+    rng: np.random.Generator,
+    dx: np.ndarray,
+    dy: np.ndarray,
+    r: float,
+    texture: np.ndarray,
+) -> np.ndarray:
+    """(h, w, 3) shaded, textured colour of a surface at offsets (dx, dy) from its centre."""
+    gradient = rng.normal(0.0, SHADING_STRENGTH / 2, 2) / r
+    shading = 1.0 + np.clip(
+        dx * gradient[0] + dy * gradient[1], -SHADING_STRENGTH, SHADING_STRENGTH
+    )
+    detail = rng.uniform(0.0, TEXTURE_AMPLITUDE) * texture
+    return _colour(rng) * shading[..., None] + detail[..., None]
 
 
 def _box_mean(fine: np.ndarray, ss: int) -> np.ndarray:
-    """(h*ss, w*ss, C) supersampled -> (h, w, C) pixel means (two contiguous sums, not mean)."""
-    h, w, channels = fine.shape[0] // ss, fine.shape[1] // ss, fine.shape[2]
-    rows = fine.reshape(h, ss, w, ss * channels).sum(axis=1)
-    return rows.reshape(h, w, ss, channels).sum(axis=2) / (ss * ss)
+    """(h*ss, w*ss) supersampled -> (h, w) pixel means (two contiguous sums, not mean)."""
+    h, w = fine.shape[0] // ss, fine.shape[1] // ss
+    return fine.reshape(h, ss, w, ss).sum(axis=(1, 3)) / (ss * ss)
 
 
 def render_scene(
@@ -106,34 +120,42 @@ def render_scene(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One scene: (H, W, 3) uint8 RGB and (H, W) uint8 class ids, 0 = background.
 
-    Shapes are supersampled inside their bounding box only and alpha-composited by coverage,
-    so edges are anti-aliased; a pixel's class is the shape covering at least half of it.
+    The background (class 0) is a shaded, textured surface; shapes fall on it back to front,
+    each supersampled inside its bounding box only for an anti-aliased coverage, then composited
+    by coverage; a pixel's class is the shape covering at least half of it. Colour is evaluated
+    at pixel centres: shading and texture are smooth at the pixel scale.
     """
     ss = _supersampling(image_size)
-    image = _background(rng, image_size)
+    textures = _band_limited_textures(rng, image_size, 2)
+    y, x = np.mgrid[0:image_size, 0:image_size].astype(np.float32) + 0.5
+    centre = image_size / 2
+    image = _surface(rng, x - centre, y - centre, image_size / 2, textures[0])
     mask = np.zeros((image_size, image_size), dtype=np.uint8)
-    for _ in range(int(rng.integers(2, 7))):  # later shapes occlude earlier ones
+    count = int(rng.integers(*SHAPES_PER_SCENE, endpoint=True))
+    for r in _power_law_radii(rng, count, image_size):
         cls = int(rng.integers(1, num_classes))
-        r = rng.uniform(0.08, 0.3) * image_size
         aspect = rng.uniform(0.4, 1.0)
-        cx, cy = (float(c) for c in rng.uniform(0, image_size, 2))
+        cx, cy = (float(c) for c in rng.uniform(-0.1 * image_size, 1.1 * image_size, 2))
         theta = rng.uniform(0, 2 * math.pi)
         reach = r * math.sqrt(2)
         r0, r1 = (int(np.clip(c, 0, image_size)) for c in (cy - reach, cy + reach + 1))
         c0, c1 = (int(np.clip(c, 0, image_size)) for c in (cx - reach, cx + reach + 1))
+        # Draw the shape's attributes even when it falls outside: the stream stays aligned.
+        surface = _surface(
+            rng, x[r0:r1, c0:c1] - cx, y[r0:r1, c0:c1] - cy, r, textures[1, r0:r1, c0:c1]
+        )
+        if r1 <= r0 or c1 <= c0:
+            continue
         ys = (np.arange(r0 * ss, r1 * ss, dtype=np.float32) + 0.5) / ss - cy
         xs = (np.arange(c0 * ss, c1 * ss, dtype=np.float32) + 0.5) / ss - cx
         dy, dx = ys[:, None], xs[None, :]
         cos, sin = math.cos(theta), math.sin(theta)
         u, v = dx * cos + dy * sin, dy * cos - dx * sin
         inside = _SHAPE_FNS[(cls - 1) % len(_SHAPE_FNS)](u, v, r, aspect)
-        weight = inside[..., None].astype(np.float32)
-        pixels = _box_mean(np.concatenate([_fill(rng, u, v, r) * weight, weight], axis=2), ss)
-        premultiplied, coverage = pixels[..., :3], pixels[..., 3:]
+        coverage = _box_mean(inside.astype(np.float32), ss)
         box = image[r0:r1, c0:c1]
-        box *= 1 - coverage
-        box += premultiplied
-        mask[r0:r1, c0:c1][coverage[..., 0] >= 0.5] = cls
+        box += coverage[..., None] * (surface - box)
+        mask[r0:r1, c0:c1][coverage >= 0.5] = cls
     rgb = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
     return rgb, mask
 

@@ -1,0 +1,104 @@
+"""The demo's selection claims at the demo's own scale: params.yaml, the phase files, SWEEP_STEPS.
+
+Phase 1.1 at the fixed base width of params.yaml: more latent channels, lower val MSE. Phase 1.2
+at 1.1's best latent width: more downsampling steps, higher val MSE. Each neighbouring pair
+must differ outside a paired bootstrap interval over the val images (the same images decide
+both sides, so per-image difficulty cancels). The sweeps train directly with the train loop,
+without DVC, which adds nothing to what is measured here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+from aeselect.config import apply_overrides, from_dict, read_yaml
+from aeselect.data.dataset import PreparedData, make_loader, to_model_input
+from aeselect.data.prepare import prepare
+from aeselect.demo import SWEEP_STEPS, sweep_schedule
+from aeselect.evaluation.metrics import per_image_mse
+from aeselect.phases.spec import load_phase
+from aeselect.stages import open_live
+from aeselect.training.checkpoint import BEST, load_checkpoint, model_from_checkpoint
+from aeselect.training.loop import train
+
+pytestmark = pytest.mark.slow
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def _val_mse(directory: Path, data: PreparedData) -> np.ndarray:
+    """(N,) val MSE per image of the best checkpoint in `directory`."""
+    model, _ = model_from_checkpoint(load_checkpoint(directory / BEST))
+    values = []
+    with torch.no_grad():
+        for raw_images, raw_targets in make_loader(data.dataset("val"), batch_size=64):
+            images, _ = to_model_input(raw_images, raw_targets, torch.device("cpu"))
+            values.append(per_image_mse(images, model(images).reconstruction.clamp(0, 1)))
+    return torch.cat(values).numpy()
+
+
+class Sweeps:
+    """Trains each distinct config once (1.2's ds3 at 1.1's winner is that winner again)."""
+
+    def __init__(self, tmp_path: Path, base: dict, data: PreparedData):
+        self.tmp_path, self.base, self.data = tmp_path, base, data
+        self.trained: dict[str, np.ndarray] = {}
+
+    def val_mse(self, overrides: dict) -> np.ndarray:
+        cfg = from_dict(apply_overrides(self.base, overrides))
+        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        if key not in self.trained:
+            run = self.tmp_path / f"run{len(self.trained)}"
+            with open_live(run / "live") as live:
+                train(cfg, self.data, run / "models", live)
+            self.trained[key] = _val_mse(run / "models", self.data)
+        return self.trained[key]
+
+
+def _paired_log_ratio_interval(better: np.ndarray, worse: np.ndarray) -> tuple[float, float]:
+    """95% paired bootstrap interval of log(pooled MSE worse / pooled MSE better)."""
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(better), size=(BOOTSTRAP_RESAMPLES, len(better)))
+    ratios = np.log(worse[picks].mean(axis=1) / better[picks].mean(axis=1))
+    low, high = np.quantile(ratios, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def _assert_ordered(results: dict[str, np.ndarray], order: list[str]) -> None:
+    """`order` from lowest to highest pooled MSE, each step outside the bootstrap interval."""
+    pooled = {name: float(values.mean()) for name, values in results.items()}
+    for better, worse in itertools.pairwise(order):
+        low, _ = _paired_log_ratio_interval(results[better], results[worse])
+        assert low > 0, f"{better} vs {worse}: pooled MSE {pooled}; log-ratio interval from {low}"
+
+
+def test_phase_1_1_and_1_2_orders_hold_outside_the_noise(tmp_path: Path) -> None:
+    base = apply_overrides(read_yaml(ROOT / "params.yaml"), sweep_schedule(SWEEP_STEPS))
+    prepare(from_dict(base), tmp_path / "prepared")
+    sweeps = Sweeps(tmp_path, base, PreparedData.load(tmp_path / "prepared"))
+
+    channel_sweep = load_phase("1.1", ROOT / "phases").experiments
+    width = base["model"]["base_channels"]
+    at_base = {
+        name: overrides
+        for name, overrides in channel_sweep.items()
+        if overrides.get("model.base_channels", width) == width
+    }
+    assert len(at_base) >= 3
+    # Most latent channels first: lowest MSE first.
+    by_channels = sorted(at_base, key=lambda name: -at_base[name]["model.latent_channels"])
+    _assert_ordered({name: sweeps.val_mse(at_base[name]) for name in by_channels}, by_channels)
+
+    winner = at_base[by_channels[0]]
+    step_sweep = load_phase("1.2", ROOT / "phases").experiments
+    by_steps = sorted(step_sweep, key=lambda name: step_sweep[name]["model.downsampling_steps"])
+    _assert_ordered(
+        {name: sweeps.val_mse(winner | step_sweep[name]) for name in by_steps}, by_steps
+    )
