@@ -105,12 +105,13 @@ def test_missing_phase_file_lists_the_known_ones(tmp_path):
 def test_extra_sets_apply_to_every_experiment_but_never_override_one(tmp_path):
     write_phase(tmp_path, "1.1", VALID)
     spec = load_phase("1.1", tmp_path)
-    assert experiment_params(spec, "lc2", {"train.max_steps": 9}) == {
+    lc2 = spec.runs()[0]
+    assert experiment_params(spec, lc2, {"train.max_steps": 9}) == {
         "model.latent_channels": 2,
         "train.max_steps": 9,
     }
-    with pytest.raises(PhaseError, match="experiment 'lc2' sets this itself"):
-        experiment_params(spec, "lc2", {"model.latent_channels": 8})
+    with pytest.raises(PhaseError, match="run 'p1-1-lc2' sets this itself"):
+        experiment_params(spec, lc2, {"model.latent_channels": 8})
     assert dvc_command("p1-1-lc2", {"model.variational": True, "loss.kl_weight": 0.001}) == [
         "exp",
         "run",
@@ -122,6 +123,55 @@ def test_extra_sets_apply_to_every_experiment_but_never_override_one(tmp_path):
         "-S",
         "loss.kl_weight=0.001",
     ]
+
+
+def test_repeats_run_each_experiment_under_its_own_training_seeds(tmp_path):
+    write_phase(tmp_path, "1.1", VALID.replace("selects:", "repeats: 3\n    selects:"))
+    spec = load_phase("1.1", tmp_path)
+    runs = spec.runs()
+    assert [r.name for r in runs[:3]] == ["p1-1-lc2-s0", "p1-1-lc2-s1", "p1-1-lc2-s2"]
+    assert [(r.key, r.repeat, r.params["train.seed"]) for r in runs[3:]] == [
+        ("lc4", 0, 0),
+        ("lc4", 1, 1),
+        ("lc4", 2, 2),
+    ]
+    assert spec.names()["p1-1-lc4-s2"] == "lc4"
+    assert experiment_params(spec, runs[4], {"train.max_steps": 9}) == {
+        "model.latent_channels": 4,
+        "train.seed": 1,
+        "train.max_steps": 9,
+    }
+    with pytest.raises(PhaseError, match="run 'p1-1-lc2-s0' sets this itself"):
+        experiment_params(spec, runs[0], {"train.seed": 5})
+    # Without repeats the names and params are the experiment's own.
+    write_phase(tmp_path, "1.1", VALID)
+    assert [r.name for r in load_phase("1.1", tmp_path).runs()] == ["p1-1-lc2", "p1-1-lc4"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            VALID.replace("selects:", "repeats: 0\n    selects:"),
+            r"repeats must be a whole number >= 1",
+        ),
+        (
+            VALID.replace("selects:", "repeats: two\n    selects:"),
+            r"repeats must be a whole number",
+        ),
+        (
+            VALID.replace("selects:", "repeats: 2\n    selects:").replace(
+                "lc4: {model.latent_channels: 4}", "lc4: {model.latent_channels: 4, train.seed: 3}"
+            ),
+            r"experiments\.lc4: sets 'train\.seed', which `repeats: 2` sets for each run",
+        ),
+    ],
+)
+def test_bad_repeats_name_the_file_and_key(tmp_path, body, message):
+    path = write_phase(tmp_path, "1.1", body)
+    with pytest.raises(PhaseError, match=message) as err:
+        load_phase("1.1", tmp_path)
+    assert str(path) in str(err.value)
 
 
 def results(**rows) -> pd.DataFrame:
@@ -150,7 +200,8 @@ def test_rule_breaks_ties_within_tolerance_by_secondary_metrics():
     assert list(ranking.table["experiment"]) == ["small", "small_slow", "big", "tiny"]
     assert ranking.winner == "small"
     assert list(ranking.table["tied"]) == [True, True, True, False]
-    assert "3 of 4 experiments are within 5%" in ranking.reason
+    assert ranking.verdict == "tie-break"
+    assert "no candidate is better than the noise among 3 of 4" in ranking.reason
 
 
 def test_rule_without_ties_takes_the_best_and_orders_the_rest_by_the_metric():

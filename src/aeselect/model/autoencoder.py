@@ -185,7 +185,7 @@ class Autoencoder(nn.Module):
         mean, logvar = self.encode_moments(images)
         latent = mean
         if logvar is not None and self.training:
-            # torch.randn with an explicit generator keeps sampling on the run's one seed.
+            # torch.randn with an explicit generator keeps sampling on the training seed.
             noise = torch.randn(
                 mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
             )

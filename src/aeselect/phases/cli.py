@@ -123,14 +123,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from aeselect.phases.report import compare, display_columns
+    from aeselect.phases.report import compare, display_table
 
     repo, spec = _repo(args), _spec(args)
     result = compare(repo, spec)
-    table = result.ranking.table if result.ranking else result.results
-    print(table[display_columns(spec, table)].to_string(index=False))
-    if result.ranking:
-        print(f"\nwinner by the rule: {result.ranking.winner}\nwhy: {result.ranking.reason}")
+    ranking = result.ranking
+    table = ranking.table if ranking else result.phase.experiments
+    print(display_table(spec, table).to_string(index=False))
+    if ranking:
+        headline = {
+            "clear": f"winner by the rule, clearly better than the noise: {ranking.winner}",
+            "tie-break": "no candidate is better than the noise; picked by the tie-breakers: "
+            + ranking.winner,
+            "single": f"the only candidate: {ranking.winner}",
+        }[ranking.verdict]
+        print(f"\nverdict: {ranking.verdict}\n{headline}\nwhy: {ranking.reason}")
     print(f"\nreport: {(result.report_dir / 'report.md').relative_to(repo)}")
     return 0
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 from aeselect.config import PARAMS_FILE, ConfigError, apply_overrides, flatten, from_dict, read_yaml
 from aeselect.dvc import DvcError, run_dvc
-from aeselect.phases.spec import PhaseError, PhaseSpec
+from aeselect.phases.spec import PhaseError, PhaseRun, PhaseSpec
 
 RUN_DIR = Path(".dvc/tmp/exps/run")
 DRAIN_DIR = Path(".dvc/tmp/aeselect-drain")  # the drainer's claims (aeselect.cluster.drain)
@@ -67,14 +67,16 @@ def dvc_command(name: str, params: dict[str, Any]) -> list[str]:
     return ["exp", "run", "--queue", "-n", name, *sets]
 
 
-def experiment_params(spec: PhaseSpec, key: str, extra: dict[str, Any]) -> dict[str, Any]:
-    clash = sorted(set(extra) & set(spec.experiments[key]))
+def experiment_params(spec: PhaseSpec, run: PhaseRun, extra: dict[str, Any]) -> dict[str, Any]:
+    """What one run sets on top of params.yaml: its experiment's params (and, with `repeats`,
+    its training seed), then the sweep's --set."""
+    clash = sorted(set(extra) & set(run.params))
     if clash:
         raise PhaseError(
-            f"--set {', '.join(clash)}: phase {spec.id} experiment {key!r} sets this itself "
-            f"({spec.path}); drop it from --set"
+            f"--set {', '.join(clash)}: phase {spec.id} run {run.name!r} sets this itself "
+            f"({spec.path}: its experiment {run.key!r} or `repeats`); drop it from --set"
         )
-    return {**spec.experiments[key], **extra}
+    return {**run.params, **extra}
 
 
 def queue_states(repo: Path) -> dict[str, TaskState]:
@@ -127,15 +129,15 @@ def queue_phase(
     """Queue every experiment of the phase not yet queued or done; returns the names queued."""
     baseline = read_yaml(repo / PARAMS_FILE)
     commands: dict[str, list[str]] = {}
-    for key in spec.experiments:  # validate all before queuing any: a phase is queued whole
-        params = experiment_params(spec, key, extra)
+    for run in spec.runs():  # validate all before queuing any: a phase is queued whole
+        params = experiment_params(spec, run, extra)
         try:
             from_dict(apply_overrides(baseline, params))
         except ConfigError as err:
             raise PhaseError(
-                f"{spec.path}: experiment {key!r} on top of {PARAMS_FILE}: {err}"
+                f"{spec.path}: experiment {run.key!r} on top of {PARAMS_FILE}: {err}"
             ) from None
-        commands[spec.experiment_name(key)] = dvc_command(spec.experiment_name(key), params)
+        commands[run.name] = dvc_command(run.name, params)
     if dry_run:
         for args in commands.values():
             echo(shlex.join(["dvc", *args]))
@@ -170,13 +172,14 @@ def exp_show(repo: Path) -> list[dict[str, Any]]:
 
 
 def collect_results(repo: Path, spec: PhaseSpec) -> pd.DataFrame:
-    """One row per experiment of the phase: state, baseline, rev, params and flattened metrics.
+    """One row per run of the phase (`key`, `repeat`): state, baseline, rev, params and metrics.
 
     Failed experiments keep their row (state Failed) without metrics, never the baseline's; an
     experiment not in exp show at all is Missing. When a name occurs more than once, the newest
     experiment wins, as in DVC's own lookup.
     """
-    names = spec.names()
+    runs = {run.name: run for run in spec.runs()}
+    names = {name: run.key for name, run in runs.items()}
     rows: dict[str, dict[str, Any]] = {}
     for baseline in exp_show(repo):
         for exp in baseline.get("experiments") or []:
@@ -188,6 +191,7 @@ def collect_results(repo: Path, spec: PhaseSpec) -> pd.DataFrame:
             row = {
                 "experiment": name,
                 "key": names[name],
+                "repeat": runs[name].repeat,
                 "state": "Failed" if rev.get("error") else "Success",
                 "rev": rev.get("rev"),
                 "baseline": baseline.get("rev"),
@@ -205,7 +209,10 @@ def collect_results(repo: Path, spec: PhaseSpec) -> pd.DataFrame:
     # exp show lists a queued or running experiment like a finished one: the queue knows better.
     states = queue_states(repo)
     for name, key in names.items():
-        row = rows.setdefault(name, {"experiment": name, "key": key, "state": "Missing"})
+        row = rows.setdefault(
+            name,
+            {"experiment": name, "key": key, "repeat": runs[name].repeat, "state": "Missing"},
+        )
         if name in states and states[name].status != "Success":
             row["state"] = states[name].status
     return pd.DataFrame([rows[name] for name in names])

@@ -16,7 +16,8 @@ from ruamel.yaml import YAML
 
 from aeselect.config import PARAMS_FILE, apply_overrides, from_dict, read_yaml
 from aeselect.phases.decide import Ranking, column, rank
-from aeselect.phases.experiments import collect_results, dirty_paths, git
+from aeselect.phases.experiments import dirty_paths, git
+from aeselect.phases.noise import BOOTSTRAP_SEED, CONFIDENCE, RESAMPLES, gather, seed_spread_column
 from aeselect.phases.spec import DECISIONS_DIR, PhaseError, PhaseSpec
 
 # Columns every decision file and report shows, beside the rule's own.
@@ -88,8 +89,20 @@ def _plain(value: Any) -> Any:
 
 
 def _summary(row: pd.Series, spec: PhaseSpec) -> dict[str, Any]:
-    keys = [column(c) for c in (spec.decide.primary, *spec.decide.tie_breakers)] + HEADLINE
+    primary = column(spec.decide.primary)
+    keys = [primary, seed_spread_column(primary)]
+    keys += [column(c) for c in spec.decide.tie_breakers] + HEADLINE
     return {k: _plain(row[k]) for k in dict.fromkeys(keys) if k in row.index}
+
+
+def _versus_best(row: pd.Series) -> dict[str, Any]:
+    """The candidate's difference from the best in the primary metric, with its 95% interval."""
+    interval = [_plain(row["delta_low"]), _plain(row["delta_high"])]
+    return {
+        "difference_from_best": _plain(row["delta"]),
+        "interval_95": None if interval[0] is None else interval,
+        "versus_best": row["vs_best"],
+    }
 
 
 def promote(
@@ -106,23 +119,25 @@ def promote(
             f"phase {spec.id} is already decided ({DECISIONS_DIR}/{spec.id}.yaml); "
             "`git revert` that commit to decide again"
         )
-    results = collect_results(repo, spec)
-    names = spec.names()
-    states = dict(zip(results["experiment"], results["state"], strict=True))
-    unfinished = {n: s for n, s in states.items() if s != "Success"}
+    phase = gather(repo, spec)
+    experiments = {spec.experiment_name(key): key for key in spec.experiments}
+    states = dict(zip(phase.experiments["experiment"], phase.experiments["state"], strict=True))
+    runs = phase.runs
+    unfinished = dict(zip(runs["experiment"], runs["state"], strict=True))
+    unfinished = {n: s for n, s in unfinished.items() if s != "Success"}
     if unfinished and pick is None:
         listing = ", ".join(f"{n} ({s.lower()})" for n, s in unfinished.items())
         raise PhaseError(
             f"phase {spec.id}: not every experiment succeeded: {listing}. Re-run them "
             f"(`aeselect phase run {spec.id}`), or choose with --pick NAME --why '...'"
         )
-    ranking: Ranking = rank(results, spec.decide)
+    ranking: Ranking = rank(phase.experiments, spec.decide, phase.per_image, phase.no_interval)
     winner = ranking.winner
     override = None
     if pick is not None:
-        if pick not in names:
+        if pick not in experiments:
             raise PhaseError(
-                f"--pick {pick}: not an experiment of phase {spec.id} ({', '.join(names)})"
+                f"--pick {pick}: not an experiment of phase {spec.id} ({', '.join(experiments)})"
             )
         if states.get(pick) != "Success":
             raise PhaseError(f"--pick {pick}: it did not succeed ({states.get(pick, 'missing')})")
@@ -131,7 +146,7 @@ def promote(
         override = {"picked": pick, "rule_winner": winner, "why": why}
         winner = pick
     row = ranking.table.set_index("experiment").loc[winner]
-    selected = {key: spec.experiments[names[winner]][key] for key in spec.selects}
+    selected = {key: spec.experiments[row["key"]][key] for key in spec.selects}
 
     params_file = repo / PARAMS_FILE
     new_text = set_params(params_file.read_text(), selected)
@@ -154,17 +169,30 @@ def promote(
             "tolerance": spec.decide.tolerance,
             "tie_breakers": [c.describe() for c in spec.decide.tie_breakers],
         },
+        "verdict": ranking.verdict,
         "rationale": (f"picked by hand: {why}; the rule's order was: " if override else "")
         + ranking.reason,
+        "noise": {
+            "method": f"paired bootstrap over the val images of {primary}, minus the best's",
+            "best": ranking.best,
+            "val_images": None if phase.per_image is None else len(phase.per_image),
+            "resamples": RESAMPLES,
+            "seed": BOOTSTRAP_SEED,
+            "confidence": CONFIDENCE,
+            "training_seeds": spec.repeats,
+            "no_interval": phase.no_interval or None,
+        },
         "metrics": _summary(row, spec),
         "candidates": [
             {
                 "experiment": r["experiment"],
                 "rank": int(r["rank"]),
-                "within_tolerance": bool(r["tied"]),
+                "tied_with_best": bool(r["tied"]),
                 "params": {k: _plain(r.get(f"params.{k}")) for k in spec.selects},
             }
+            | _versus_best(r)
             | _summary(r, spec)
+            | _seed_runs(runs, r["key"], spec)
             for _, r in ranking.table.iterrows()
         ]
         + [{"experiment": n, "state": s} for n, s in unfinished.items()],
@@ -179,12 +207,22 @@ def promote(
         final_path.write_text(yaml.safe_dump(final, sort_keys=False, width=100))
         committed.append(str(final_path.relative_to(repo)))
     settings = " ".join(f"{k.split('.')[-1]}={v}" for k, v in selected.items())
-    message = f"phase {spec.id}: {settings or winner} ({primary} {row[primary]:.4g})"
+    message = (
+        f"phase {spec.id}: {settings or winner} ({primary} {row[primary]:.4g}, {ranking.verdict})"
+    )
     git(repo, "add", "--", *committed)
     git(repo, "commit", "-q", "-m", message, "--", *committed)
     decision["commit"] = git(repo, "rev-parse", "--short", "HEAD").strip()
     decision["commit_message"] = message
     return decision
+
+
+def _seed_runs(runs: pd.DataFrame, key: str, spec: PhaseSpec) -> dict[str, Any]:
+    """With `repeats`, each seed's run and rev (the experiment's own rev is its seed 0's)."""
+    if spec.repeats == 1:
+        return {}
+    mine = runs[runs["key"] == key]
+    return {"runs": {str(r["experiment"]): _plain(r["rev"]) for _, r in mine.iterrows()}}
 
 
 def last_phase_id(repo: Path) -> str:

@@ -135,7 +135,7 @@ def train(
     """Train from scratch, or from `resume_state`; with `snapshot` set, SIGUSR1/SIGTERM stop the
     run at the next log boundary with a resume snapshot there (raises Preempted)."""
     runtime = select_runtime(cfg.train)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.train.seed)
     print(f"[train] device {runtime.describe()}, bf16={runtime.bf16}", file=sys.stderr)
 
     model, forward, optimizer = build_model(cfg, data.aux_classes, runtime)
@@ -155,7 +155,11 @@ def train(
         print(f"[train] resumed at step {start_step} from {snapshot}", file=sys.stderr)
     stop = StopRequest() if snapshot is not None else None
     sampler = StepBatchSampler(
-        len(data.dataset("train")), cfg.train.batch_size, cfg.seed, start_step, cfg.train.max_steps
+        len(data.dataset("train")),
+        cfg.train.batch_size,
+        cfg.train.seed,
+        start_step,
+        cfg.train.max_steps,
     )
     loader = make_loader(
         data.dataset("train"),
@@ -176,7 +180,7 @@ def train(
             group["lr"] = lr_at(step, cfg)
 
         with runtime.autocast():
-            out = forward(images, generator=step_generator(cfg.seed, step, runtime.device))
+            out = forward(images, generator=step_generator(cfg.train.seed, step, runtime.device))
         loss, terms = compute_loss(out, images, targets, cfg.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
