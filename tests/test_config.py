@@ -65,6 +65,7 @@ def test_unknown_section():
         ({"loss": {"aux_weight": -0.1}}, r"loss\.aux_weight: must be >= 0"),
         ({"data": {"num_classes": 300}}, r"data\.num_classes: must be in \[2, 255\]"),
         ({"model": "wide"}, r"model: must be a mapping"),
+        ({"train": {"seed": -1}}, r"train\.seed: must be >= 0"),
     ],
 )
 def test_wrong_types_and_ranges(raw, message):

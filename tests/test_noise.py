@@ -141,6 +141,7 @@ def test_mean_over_seeds_averages_metrics_keeps_params_and_flags_a_failed_seed(t
                 "params.train.seed": run.params["train.seed"],
                 "mse": 0.01 * (run.repeat + 1),
                 "latent.shape": "4x4x2",
+                "cost.params": 1000,
                 "gates.pass_all": run.repeat == 0,
             }
             for run in spec.runs()
@@ -152,6 +153,7 @@ def test_mean_over_seeds_averages_metrics_keeps_params_and_flags_a_failed_seed(t
     assert lc2["mse"] == pytest.approx(0.015)
     assert lc2["mse.seed_std"] == pytest.approx(np.std([0.01, 0.02], ddof=1))
     assert lc2["params.model.latent_channels"] == 2 and lc2["latent.shape"] == "4x4x2"
+    assert str(lc2["cost.params"]) == "1000"  # equal in every seed: kept as it is, not 1000.0
     # A gate passes only if it passes in every seed (not "half passed").
     assert isinstance(lc2["gates.pass_all"], np.bool_) and not lc2["gates.pass_all"]
     assert lc2["rev"] == "rev-p1-1-lc2-s0"  # seed 0's run stands for the experiment

@@ -123,6 +123,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from aeselect.phases.decide import VERDICTS
     from aeselect.phases.report import compare, display_table
 
     repo, spec = _repo(args), _spec(args)
@@ -131,13 +132,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table = ranking.table if ranking else result.phase.experiments
     print(display_table(spec, table).to_string(index=False))
     if ranking:
-        headline = {
-            "clear": f"winner by the rule, clearly better than the noise: {ranking.winner}",
-            "tie-break": "no candidate is better than the noise; picked by the tie-breakers: "
-            + ranking.winner,
-            "single": f"the only candidate: {ranking.winner}",
-        }[ranking.verdict]
-        print(f"\nverdict: {ranking.verdict}\n{headline}\nwhy: {ranking.reason}")
+        print(
+            f"\nverdict: {ranking.verdict} ({ranking.winner}: {VERDICTS[ranking.verdict]})"
+            f"\nwhy: {ranking.reason}"
+        )
     print(f"\nreport: {(result.report_dir / 'report.md').relative_to(repo)}")
     return 0
 

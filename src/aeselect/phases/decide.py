@@ -36,6 +36,8 @@ def column(criterion: Criterion) -> str:
 
 def describe_difference(row: pd.Series) -> str:
     """`+0.0012 [-0.0003, +0.0027]`: the difference from the best with its 95% interval."""
+    if row["vs_best"] == "best":
+        return "(the best)"
     if math.isnan(row["delta_low"]):
         return f"{row['delta']:+.3g} (no interval)"
     return f"{row['delta']:+.3g} [{row['delta_low']:+.3g}, {row['delta_high']:+.3g}]"

@@ -84,8 +84,8 @@ def read_output(repo: Path, path: str, rev: str) -> bytes:
 
 
 def mean_over_seeds(runs: pd.DataFrame, spec: PhaseSpec, primary: str) -> pd.DataFrame:
-    """One row per experiment: numbers averaged over its seeds (booleans: true in every seed),
-    the rest from its first seed, whose run stands for it (rev, curves, reconstructions).
+    """One row per experiment: numbers that differ between its seeds averaged (booleans: true in
+    every seed), the rest from its first seed, whose run stands for it (rev, curves, images).
     An experiment is a Success only when every one of its seeds is."""
     rows = []
     for key, group in runs.sort_values("repeat", kind="stable").groupby("key", sort=False):
@@ -97,7 +97,8 @@ def mean_over_seeds(runs: pd.DataFrame, spec: PhaseSpec, primary: str) -> pd.Dat
             continue
         for name in group.columns.difference(RUN_COLUMNS):
             values = list(group[name])
-            if name.startswith("params.") or any(isinstance(v, str) for v in values):
+            kept = len(set(values)) == 1 or any(isinstance(v, str) for v in values)
+            if name.startswith("params.") or kept:
                 continue
             if all(isinstance(v, bool | np.bool_) for v in values):
                 row[name] = all(values)
@@ -107,7 +108,8 @@ def mean_over_seeds(runs: pd.DataFrame, spec: PhaseSpec, primary: str) -> pd.Dat
             row[seed_spread_column(primary)] = float(group[primary].std())
         rows.append(row)
     order = {spec.experiment_name(key): i for i, key in enumerate(spec.experiments)}
-    return pd.DataFrame(rows).sort_values("experiment", key=lambda s: s.map(order))
+    frame = pd.DataFrame(rows).sort_values("experiment", key=lambda s: s.map(order))
+    return frame.reset_index(drop=True)
 
 
 def primary_per_image(
@@ -116,7 +118,9 @@ def primary_per_image(
     """The primary metric of every successful experiment per val image, averaged over its seeds;
     or None and the reason no interval exists."""
     done = experiments.loc[experiments["state"] == "Success", "key"]
-    columns: dict[str, pd.Series] = {}
+    if done.empty:
+        return None, "no experiment succeeded, so no interval exists"
+    columns: dict[str, pd.DataFrame] = {}
     for key in done:
         seeds = []
         for rev in runs.loc[runs["key"] == key, "rev"]:

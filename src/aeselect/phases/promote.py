@@ -123,8 +123,9 @@ def promote(
     experiments = {spec.experiment_name(key): key for key in spec.experiments}
     states = dict(zip(phase.experiments["experiment"], phase.experiments["state"], strict=True))
     runs = phase.runs
-    unfinished = dict(zip(runs["experiment"], runs["state"], strict=True))
-    unfinished = {n: s for n, s in unfinished.items() if s != "Success"}
+    unfinished = {
+        n: s for n, s in zip(runs["experiment"], runs["state"], strict=True) if s != "Success"
+    }
     if unfinished and pick is None:
         listing = ", ".join(f"{n} ({s.lower()})" for n, s in unfinished.items())
         raise PhaseError(

@@ -209,9 +209,9 @@ def noise_note(spec: PhaseSpec, phase: PhaseResults, ranking: Ranking) -> list[s
             f"{DIFFERENCE}: {primary} minus the best's ({ranking.best}), the mean over the "
             f"{len(phase.per_image)} val images of the per-image difference; the interval is a "
             f"paired bootstrap over those images ({RESAMPLES} resamples, seed {BOOTSTRAP_SEED}, "
-            f"{CONFIDENCE:.0%}). A candidate whose interval contains 0 (`noise`) or within "
-            f"{spec.decide.tolerance:.0%} of the best (`tolerance`) is tied with it; ties go to "
-            "the tie-breakers."
+            f"{CONFIDENCE:.0%}). A candidate whose interval contains 0 (`noise`), or that is "
+            f"within {spec.decide.tolerance:.0%} of the best (`tolerance`), is tied with it; ties "
+            "go to the tie-breakers."
         ]
     if spec.repeats > 1:
         lines += [
