@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-import textwrap
 
 import numpy as np
 import pandas as pd
 import pytest
+from test_phases import REPEATED, write_phase
 
 from aeselect.phases.decide import describe_difference, rank
-from aeselect.phases.noise import RESAMPLES, mean_over_seeds, paired_bootstrap
+from aeselect.phases.noise import RESAMPLES, PhaseResults, mean_over_seeds, paired_bootstrap
+from aeselect.phases.report import DIFFERENCE, display_table, noise_note
 from aeselect.phases.spec import Criterion, DecisionRule, load_phase
 
 PATHS = [f"val/img{i:03d}.png" for i in range(64)]
@@ -113,21 +114,7 @@ def test_without_per_image_values_the_tolerance_alone_decides_and_says_so():
 
 
 def test_mean_over_seeds_averages_metrics_keeps_params_and_flags_a_failed_seed(tmp_path):
-    (tmp_path / "phase1_1.yaml").write_text(
-        textwrap.dedent(
-            """\
-            id: "1.1"
-            title: t
-            requires: null
-            selects: [model.latent_channels]
-            repeats: 2
-            experiments:
-              lc2: {model.latent_channels: 2}
-              lc4: {model.latent_channels: 4}
-            decide: {metric: mse, direction: min, tolerance: 0.0, tie_breakers: []}
-            """
-        )
-    )
+    write_phase(tmp_path, "1.1", REPEATED)
     spec = load_phase("1.1", tmp_path)
     runs = pd.DataFrame(
         [
@@ -159,3 +146,22 @@ def test_mean_over_seeds_averages_metrics_keeps_params_and_flags_a_failed_seed(t
     assert lc2["rev"] == "rev-p1-1-lc2-s0"  # seed 0's run stands for the experiment
     assert merged.loc["p1-1-lc4", "state"] == "Failed"  # one failed seed: not comparable
     assert RESAMPLES >= 1000
+
+
+def test_the_report_says_when_no_interval_exists(tmp_path):
+    write_phase(tmp_path, "1.1", REPEATED)
+    spec = load_phase("1.1", tmp_path)
+    rows, _ = experiments(**{"p1-1-lc2": mse_like(0), "p1-1-lc4": mse_like(0) * 1.2})
+    why = (
+        "images_per_s has no per-image values (per_image.csv has mse, psnr), so no interval exists"
+    )
+    ranking = rank(rows, RULE, None, why)
+    phase = PhaseResults(rows, rows, None, why)
+    note = " ".join(noise_note(spec, phase, ranking))
+    assert f"No interval: {why}; ties are judged by the 0% tolerance alone" in note
+    assert "under 2 training seeds" in note
+    shown = display_table(spec, ranking.table)
+    assert list(shown[DIFFERENCE]) == [
+        "(the best)",
+        f"{0.2 * mse_like(0).mean():+.3g} (no interval)",
+    ]
