@@ -137,7 +137,7 @@ def primary_per_image(
     table = pd.concat(columns, axis=1)  # one column per (experiment, seed), aligned by path
     if table.isna().any(axis=None):
         return None, "the runs were not evaluated on the same val images, so no interval exists"
-    return table.T.groupby(level=0, sort=False).mean().T, ""
+    return pd.DataFrame({name: table[name].mean(axis=1) for name in columns}), ""
 
 
 def gather(repo: Path, spec: PhaseSpec) -> PhaseResults:
