@@ -203,7 +203,7 @@ def test_rule_breaks_ties_within_tolerance_by_secondary_metrics():
     assert ranking.winner == "small"
     assert list(ranking.table["tied"]) == [True, True, True, False]
     assert ranking.verdict == "tie-break"
-    assert "no candidate is better than the noise among 3 of 4" in ranking.reason
+    assert "no candidate is better than the tolerance among 3 of 4" in ranking.reason
 
 
 def test_rule_without_ties_takes_the_best_and_orders_the_rest_by_the_metric():

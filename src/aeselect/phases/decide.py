@@ -1,4 +1,5 @@
-"""The decision rule: best primary metric, ties within a tolerance broken by secondary criteria."""
+"""The decision rule: best primary metric; candidates within the noise or a tolerance of it are
+tied, and ties are broken by secondary criteria."""
 
 from __future__ import annotations
 
@@ -122,12 +123,16 @@ def _reason(
             f"{winner['experiment']} is the only successful experiment ({primary} "
             f"{winner[primary]:.6g}): there is nothing to compare it with"
         )
-    tie = (
-        f"within {rule.tolerance:.0%} of it ({no_interval})"
-        if no_interval
-        else f"within the noise (the 95% interval of the paired difference over the val images "
-        f"contains 0) or within {rule.tolerance:.0%} of it"
-    )
+    bounds = []
+    if not no_interval:
+        bounds.append(
+            "within the noise (the 95% interval of the paired difference over the val images "
+            "contains 0)"
+        )
+    if rule.tolerance > 0:
+        bounds.append(f"within {rule.tolerance:.0%} of it")
+    tie = " or ".join(bounds) or "equal to it"
+    tie += f" ({no_interval})" if no_interval else ""
     if verdict == "clear":
         text = (
             f"{winner['experiment']} is clearly better: it has the best {primary} "
@@ -135,13 +140,11 @@ def _reason(
         )
     else:
         tied = table[table["tied"]]
+        text = f"no candidate is better than {'the tolerance' if no_interval else 'the noise'}"
         if len(tied) == len(table):
-            text = f"no candidate is better than the noise: all {len(table)} are"
+            text += ": both are" if len(table) == 2 else f": all {len(table)} are"
         else:
-            text = (
-                f"no candidate is better than the noise among {len(tied)} of {len(table)}: "
-                f"{', '.join(tied['experiment'])} are"
-            )
+            text += f" among {len(tied)} of {len(table)}: {', '.join(tied['experiment'])} are"
         text += f" tied with the best {primary}, {best} ({best_value:.6g}), being {tie}; "
         if rule.tie_breakers:
             breakers = ", then ".join(c.describe() for c in rule.tie_breakers)
