@@ -213,7 +213,14 @@ def noise_note(spec: PhaseSpec, phase: PhaseResults, ranking: Ranking) -> list[s
             f"within {spec.decide.tolerance:.0%} of the best (`tolerance`), is tied with it; ties "
             "go to the tie-breakers."
         ]
-    if spec.repeats > 1:
+    if spec.repeats == 1:
+        lines += [
+            "",
+            "The interval covers which val images were drawn, not the training's own noise: one "
+            f"run per experiment cannot show how far another `{REPEAT_SEED_KEY}` would move it "
+            "(`repeats: N` in the phase file runs N seeds and shows their spread).",
+        ]
+    else:
         lines += [
             "",
             f"Each experiment ran under {spec.repeats} training seeds (`{REPEAT_SEED_KEY}` 0 to "
