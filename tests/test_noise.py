@@ -58,6 +58,24 @@ def test_pairs_by_image_path_whatever_the_row_order_and_is_deterministic():
         paired_bootstrap(best, other.iloc[1:])
 
 
+def test_seeds_are_resampled_too_so_training_noise_is_not_taken_for_a_difference():
+    base = per_image(mse_like(0))
+    jitter = np.random.default_rng(5).normal(0, 0.0002, (len(PATHS), 3))
+    # A training seed moves every image of its run together, by more than the 0.002 between these.
+    best = pd.DataFrame({s: base + shift for s, shift in enumerate((-0.004, 0.0, 0.004))})
+    other = (
+        pd.DataFrame({s: base + 0.002 + shift for s, shift in enumerate((0.004, -0.004, 0.0))})
+        + jitter
+    )
+    over_images = paired_bootstrap(best.mean(axis=1), other.mean(axis=1))
+    assert not over_images.includes_zero  # the seed means alone look clearly different...
+    over_seeds_too = paired_bootstrap(best, other)
+    assert over_seeds_too.value == pytest.approx(over_images.value)
+    assert over_seeds_too.includes_zero  # ...but another draw of seeds could reverse them
+    # One seed per side is the plain paired bootstrap over images.
+    assert paired_bootstrap(best[[0]], other[[0]]) == paired_bootstrap(best[0], other[0])
+
+
 RULE = DecisionRule(Criterion("mse", "min"), 0.0, (Criterion("cost.params", "min"),))
 
 

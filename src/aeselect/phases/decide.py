@@ -61,8 +61,9 @@ def rank(
     """Order the successful experiments by the rule and say why the first one wins.
 
     A candidate is tied with the best when its difference is within the tolerance or, given
-    `per_image` (the primary metric per val image, one column per experiment), when the paired
-    bootstrap's 95% interval of the difference contains zero: then it is noise, not a ranking.
+    `per_image` (the primary metric per val image, columns (experiment, seed) or one column per
+    experiment), when the paired bootstrap's 95% interval of the difference contains zero: then
+    it is noise, not a ranking.
     """
     done = results[results["state"] == "Success"].copy()
     primary = column(rule.primary)
@@ -82,6 +83,9 @@ def rank(
     noise = pd.Series(False, index=done.index)
     if per_image is not None:
         for index, name in done["experiment"].items():
+            if index == best_index:  # zero by definition (resampling its seeds twice would blur it)
+                done.loc[index, ["delta_low", "delta_high"]] = 0.0
+                continue
             difference = paired_bootstrap(per_image[best_name], per_image[name])
             done.loc[index, ["delta", "delta_low", "delta_high"]] = (
                 difference.value,
@@ -126,8 +130,8 @@ def _reason(
     bounds = []
     if not no_interval:
         bounds.append(
-            "within the noise (the 95% interval of the paired difference over the val images "
-            "contains 0)"
+            "within the noise (the 95% bootstrap interval of the difference, paired by val "
+            "image, contains 0)"
         )
     if rule.tolerance > 0:
         bounds.append(f"within {rule.tolerance:.0%} of it")

@@ -4,8 +4,8 @@ A candidate's primary metric is a mean over the val images, and every candidate 
 same images (evaluate writes one row per image to `per_image.csv`). The difference between two
 candidates is therefore the mean of per-image differences, paired by image path; resampling the
 images with replacement shows how much that mean would move on another draw of images like these.
-With `repeats`, each image's value is first averaged over the training seeds, so the comparison
-sees the seed noise averaged out and the report shows its size (the std across seeds).
+With `repeats`, each experiment's values are means over its training seeds, and the bootstrap
+resamples the seeds as well: a seed shifts a whole run, which resampling images cannot reveal.
 """
 
 from __future__ import annotations
@@ -42,23 +42,43 @@ class Difference:
 
 
 def paired_bootstrap(
-    best: pd.Series,
-    candidate: pd.Series,
+    best: pd.Series | pd.DataFrame,
+    candidate: pd.Series | pd.DataFrame,
     *,
     resamples: int = RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
     confidence: float = CONFIDENCE,
 ) -> Difference:
-    """`candidate - best` over the same images (both indexed by image path), with the percentile
-    interval of its mean over `resamples` resamplings of the images; deterministic in `seed`."""
+    """`candidate - best` over the same images, with the percentile interval of its mean over
+    `resamples` resamplings; deterministic in `seed`.
+
+    Each side is indexed by image path, one column per training seed (a Series is one seed). The
+    images are resampled once for both sides (paired); with several seeds each side's seeds are
+    resampled too, so a difference that another seed would undo is not mistaken for a real one:
+    a seed moves every image of a run together, which resampling images alone cannot see.
+    """
+    best, candidate = pd.DataFrame(best), pd.DataFrame(candidate)
     if best.index.has_duplicates or set(best.index) != set(candidate.index):
         raise ValueError("a paired bootstrap needs both sides scored on the same, unique images")
-    differences = (candidate - best).sort_index().to_numpy(dtype=np.float64)
+    best_values = best.sort_index().to_numpy(dtype=np.float64)  # (images, seeds)
+    candidate_values = candidate.sort_index().to_numpy(dtype=np.float64)
+    images = len(best_values)
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(differences), size=(resamples, len(differences)))
+    picks = rng.integers(0, images, size=(resamples, images))
+
+    def seed_means(values: np.ndarray) -> np.ndarray:
+        """Per-image means over resampled seeds, (images, resamples): seed-count weights."""
+        seeds = values.shape[1]
+        drawn = rng.integers(0, seeds, size=(resamples, seeds))
+        weights = (drawn[:, :, None] == np.arange(seeds)).sum(axis=1) / seeds
+        return values @ weights.T
+
+    differences = seed_means(candidate_values) - seed_means(best_values)
+    means = np.take_along_axis(differences, picks.T, axis=0).mean(axis=0)
     tail = (1 - confidence) / 2
-    low, high = np.quantile(differences[picks].mean(axis=1), [tail, 1 - tail])
-    return Difference(float(differences.mean()), float(low), float(high))
+    low, high = np.quantile(means, [tail, 1 - tail])
+    value = candidate_values.mean(axis=1) - best_values.mean(axis=1)
+    return Difference(float(value.mean()), float(low), float(high))
 
 
 @dataclass
@@ -67,7 +87,8 @@ class PhaseResults:
 
     runs: pd.DataFrame  # one row per DVC experiment (collect_results)
     experiments: pd.DataFrame  # one row per experiment of the phase file, metrics over its seeds
-    per_image: pd.DataFrame | None  # primary metric: rows = val image paths, columns = experiment
+    # The primary metric: rows = val image paths, columns = (experiment, seed).
+    per_image: pd.DataFrame | None
     no_interval: str  # why per_image is None ("" when it is not)
 
 
@@ -115,8 +136,8 @@ def mean_over_seeds(runs: pd.DataFrame, spec: PhaseSpec, primary: str) -> pd.Dat
 def primary_per_image(
     repo: Path, runs: pd.DataFrame, experiments: pd.DataFrame, metric: str
 ) -> tuple[pd.DataFrame | None, str]:
-    """The primary metric of every successful experiment per val image, averaged over its seeds;
-    or None and the reason no interval exists."""
+    """The primary metric of every successful experiment per val image, one column per
+    (experiment, seed); or None and the reason no interval exists."""
     done = experiments.loc[experiments["state"] == "Success", "key"]
     if done.empty:
         return None, "no experiment succeeded, so no interval exists"
@@ -133,11 +154,11 @@ def primary_per_image(
                 )
             seeds.append(frame.set_index(PAIRING_KEY)[metric])
         name = experiments.loc[experiments["key"] == key, "experiment"].iloc[0]
-        columns[name] = pd.concat(seeds, axis=1)
+        columns[name] = pd.concat(seeds, axis=1, ignore_index=True)
     table = pd.concat(columns, axis=1)  # one column per (experiment, seed), aligned by path
     if table.isna().any(axis=None):
         return None, "the runs were not evaluated on the same val images, so no interval exists"
-    return pd.DataFrame({name: table[name].mean(axis=1) for name in columns}), ""
+    return table, ""
 
 
 def gather(repo: Path, spec: PhaseSpec) -> PhaseResults:

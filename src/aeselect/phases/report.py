@@ -226,7 +226,9 @@ def noise_note(spec: PhaseSpec, phase: PhaseResults, ranking: Ranking) -> list[s
             f"Each experiment ran under {spec.repeats} training seeds (`{REPEAT_SEED_KEY}` 0 to "
             f"{spec.repeats - 1}; same data and split): its metrics and per-image values are "
             f"means over the seeds, `{seed_spread_column(primary)}` the std of {primary} across "
-            "them; `runs.csv` lists every run. Curves and reconstructions show seed 0.",
+            "them, and the bootstrap resamples each experiment's seeds along with the images (a "
+            "seed shifts a whole run, which resampling images cannot see). `runs.csv` lists every "
+            "run; curves and reconstructions show seed 0.",
         ]
     return lines
 
