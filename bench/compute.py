@@ -87,7 +87,7 @@ class StepRunner:
         from aeselect.runtime import seed_everything, select_runtime
 
         self.cfg, self.runtime = cfg, select_runtime(cfg.train)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.train.seed)
         device = self.runtime.device
         self.model = Autoencoder(cfg.model, data.aux_classes).to(device)
         if self.runtime.channels_last:
@@ -100,7 +100,7 @@ class StepRunner:
             fused=device.type == "cuda",
         )
         train_set = data.dataset("train")
-        sampler = StepBatchSampler(len(train_set), cfg.train.batch_size, cfg.seed, 0, 1)
+        sampler = StepBatchSampler(len(train_set), cfg.train.batch_size, cfg.train.seed, 0, 1)
         raw = next(iter(make_loader(train_set, batch_sampler=sampler)))
         self.images, self.targets = to_model_input(*raw, device, self.runtime.channels_last)
         bf16 = self.runtime.bf16 if autocast_bf16 is None else autocast_bf16
@@ -310,11 +310,11 @@ def bare_train(cfg, data) -> float:
 
     start = time.perf_counter()
     runtime = select_runtime(cfg.train)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.train.seed)
     model, forward, optimizer = build_model(cfg, data.aux_classes, runtime)
     train_set = data.dataset("train")
     sampler = StepBatchSampler(
-        len(train_set), cfg.train.batch_size, cfg.seed, 0, cfg.train.max_steps
+        len(train_set), cfg.train.batch_size, cfg.train.seed, 0, cfg.train.max_steps
     )
     loader = make_loader(train_set, batch_sampler=sampler, num_workers=cfg.train.num_workers)
     model.train()
@@ -398,7 +398,7 @@ def loader_images_per_s(cfg, data, batches: int) -> float:
 
     runtime = select_runtime(cfg.train)
     train_set = data.dataset("train")
-    sampler = StepBatchSampler(len(train_set), cfg.train.batch_size, cfg.seed, 0, batches)
+    sampler = StepBatchSampler(len(train_set), cfg.train.batch_size, cfg.train.seed, 0, batches)
     loader = make_loader(
         train_set,
         batch_sampler=sampler,
@@ -449,7 +449,7 @@ def _fake_checkpoint(cfg, data, models_dir: Path) -> None:
     from aeselect.model import Autoencoder
     from aeselect.training.checkpoint import BEST, save_checkpoint
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train.seed)
     model = Autoencoder(cfg.model, data.aux_classes)
     save_checkpoint(
         models_dir / BEST,

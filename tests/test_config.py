@@ -86,6 +86,7 @@ def test_unknown_section():
             {"data": {"source": "folder", "num_images": 1}},
             r"data\.num_images: must be 0 \(every image under data\.root\) or >= 2",
         ),
+        ({"train": {"seed": -1}}, r"train\.seed: must be >= 0"),
     ],
 )
 def test_wrong_types_and_ranges(raw, message):

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import TINY, git, make_project
 from PIL import Image
-from test_phases import CHAIN_1_2, VALID, aeselect, write_phase
+from test_phases import CHAIN_1_2, REPEATED, VALID, aeselect, write_phase
 
 from aeselect.phases.experiments import (
     DRAIN_DIR,
@@ -33,12 +33,32 @@ PREFIXED = VALID.replace("lc4: {model.latent_channels: 4}", "lc2-b: {model.laten
 def test_run_names_parse_back_to_their_experiment_and_attempt(tmp_path):
     write_phase(tmp_path, "1.1", PREFIXED)
     spec = load_phase("1.1", tmp_path)
-    assert parse_run_name(spec, "p1-1-lc2") == ("lc2", 1)
-    assert parse_run_name(spec, "p1-1-lc2-b") == ("lc2-b", 1)  # a key that extends another
-    assert parse_run_name(spec, "p1-1-lc2-b_3") == ("lc2-b", 3)
-    assert run_name(spec, "lc2-b", 3) == "p1-1-lc2-b_3"
+    assert parse_run_name(spec, "p1-1-lc2") == ("lc2", 0, 1)
+    assert parse_run_name(spec, "p1-1-lc2-b") == ("lc2-b", 0, 1)  # a key that extends another
+    assert parse_run_name(spec, "p1-1-lc2-b_3") == ("lc2-b", 0, 3)
+    assert run_name(spec.runs()[1], 3) == "p1-1-lc2-b_3"
     for other in ("p1-1-lc9", "p1-2-lc2", "p1-1-lc2_x", "p1-1-lc2_1", "lc2", "p1-1-lc2_"):
         assert parse_run_name(spec, other) is None, other
+
+
+def test_with_repeats_each_training_seed_has_its_own_attempts(tmp_path):
+    write_phase(tmp_path, "1.1", REPEATED)
+    spec = load_phase("1.1", tmp_path)
+    assert parse_run_name(spec, "p1-1-lc4-s1") == ("lc4", 1, 1)
+    assert parse_run_name(spec, "p1-1-lc4-s1_2") == ("lc4", 1, 2)
+    for other in ("p1-1-lc4", "p1-1-lc4_2", "p1-1-lc4-s2", "p1-1-lc4-s1_1"):
+        assert parse_run_name(spec, other) is None, other
+    seed_0, seed_1 = spec.runs()[2:]
+
+    def run(name: str, status: str) -> Run:
+        return Run(name, *parse_run_name(spec, name), status, None, fresh=True)
+
+    runs = [run("p1-1-lc4-s0", "Success"), run("p1-1-lc4-s1", "Failed")]
+    view = PhaseRuns(spec, Baseline("h", {}, None, {}), runs, frozenset(r.name for r in runs))
+    assert view.current(seed_0).name == "p1-1-lc4-s0"
+    assert [r.name for r in view.of(seed_1)] == ["p1-1-lc4-s1"]
+    # A failed seed is retried alone, under its own next attempt.
+    assert view.next_name(seed_1) == "p1-1-lc4-s1_2" and view.next_name(seed_0) == "p1-1-lc4-s0_2"
 
 
 def test_the_current_run_is_the_newest_fresh_success_and_names_are_never_reused(tmp_path):
@@ -46,8 +66,8 @@ def test_the_current_run_is_the_newest_fresh_success_and_names_are_never_reused(
     spec = load_phase("1.1", tmp_path)
 
     def run(name: str, status: str, fresh: bool) -> Run:
-        key, attempt = parse_run_name(spec, name)
-        return Run(name, key, attempt, status, None, baseline="abcdef0123", fresh=fresh)
+        key, repeat, attempt = parse_run_name(spec, name)
+        return Run(name, key, repeat, attempt, status, None, baseline="abcdef0123", fresh=fresh)
 
     runs = [
         run("p1-1-lc2", "Success", False),  # stale: never counts, even as the only success
@@ -58,12 +78,13 @@ def test_the_current_run_is_the_newest_fresh_success_and_names_are_never_reused(
     ]
     taken = frozenset({r.name for r in runs} | {"p1-1-lc4_2"})
     view = PhaseRuns(spec, Baseline("h", {}, None, {}), runs, taken)
-    assert view.current("lc2").name == "p1-1-lc2_3"
-    assert [r.name for r in view.stale("lc2")] == ["p1-1-lc2"]
-    assert view.current("lc4") is None and view.stale("lc4")[0].ran_on == "abcdef0"
+    lc2, lc4 = spec.runs()
+    assert view.current(lc2).name == "p1-1-lc2_3"
+    assert [r.name for r in view.stale(lc2)] == ["p1-1-lc2"]
+    assert view.current(lc4) is None and view.stale(lc4)[0].ran_on == "abcdef0"
     # p1-1-lc4_2 is taken (say, only DVC's queue history still knows it): the next is _3.
-    assert view.next_name("lc4") == "p1-1-lc4_3"
-    assert view.next_name("lc2") == "p1-1-lc2_5"
+    assert view.next_name(lc4) == "p1-1-lc4_3"
+    assert view.next_name(lc2) == "p1-1-lc2_5"
 
 
 # ---- end to end: real `dvc exp run`, real Git ---------------------------------------------------

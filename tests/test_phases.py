@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import textwrap
@@ -14,6 +15,7 @@ import yaml
 from conftest import ROOT, git
 
 from aeselect.config import EvaluateConfig
+from aeselect.dvc import run_dvc
 from aeselect.phases.decide import rank
 from aeselect.phases.experiments import dvc_command, experiment_params
 from aeselect.phases.promote import set_params, success_criteria
@@ -145,12 +147,13 @@ def test_missing_phase_file_lists_the_known_ones(tmp_path):
 def test_extra_sets_apply_to_every_experiment_but_never_override_one(tmp_path):
     write_phase(tmp_path, "1.1", VALID)
     spec = load_phase("1.1", tmp_path)
-    assert experiment_params(spec, "lc2", {"train.max_steps": 9}) == {
+    lc2 = spec.runs()[0]
+    assert experiment_params(spec, lc2, {"train.max_steps": 9}) == {
         "model.latent_channels": 2,
         "train.max_steps": 9,
     }
-    with pytest.raises(PhaseError, match="experiment 'lc2' sets this itself"):
-        experiment_params(spec, "lc2", {"model.latent_channels": 8})
+    with pytest.raises(PhaseError, match="run 'p1-1-lc2' sets this itself"):
+        experiment_params(spec, lc2, {"model.latent_channels": 8})
     assert dvc_command("p1-1-lc2", {"model.variational": True, "loss.kl_weight": 0.001}) == [
         "exp",
         "run",
@@ -162,6 +165,55 @@ def test_extra_sets_apply_to_every_experiment_but_never_override_one(tmp_path):
         "-S",
         "loss.kl_weight=0.001",
     ]
+
+
+def test_repeats_run_each_experiment_under_its_own_training_seeds(tmp_path):
+    write_phase(tmp_path, "1.1", VALID.replace("selects:", "repeats: 3\n    selects:"))
+    spec = load_phase("1.1", tmp_path)
+    runs = spec.runs()
+    assert [r.name for r in runs[:3]] == ["p1-1-lc2-s0", "p1-1-lc2-s1", "p1-1-lc2-s2"]
+    assert [(r.key, r.repeat, r.params["train.seed"]) for r in runs[3:]] == [
+        ("lc4", 0, 0),
+        ("lc4", 1, 1),
+        ("lc4", 2, 2),
+    ]
+    assert spec.names()["p1-1-lc4-s2"] == "lc4"
+    assert experiment_params(spec, runs[4], {"train.max_steps": 9}) == {
+        "model.latent_channels": 4,
+        "train.seed": 1,
+        "train.max_steps": 9,
+    }
+    with pytest.raises(PhaseError, match="run 'p1-1-lc2-s0' sets this itself"):
+        experiment_params(spec, runs[0], {"train.seed": 5})
+    # Without repeats the names and params are the experiment's own.
+    write_phase(tmp_path, "1.1", VALID)
+    assert [r.name for r in load_phase("1.1", tmp_path).runs()] == ["p1-1-lc2", "p1-1-lc4"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            VALID.replace("selects:", "repeats: 0\n    selects:"),
+            r"repeats must be a whole number >= 1",
+        ),
+        (
+            VALID.replace("selects:", "repeats: two\n    selects:"),
+            r"repeats must be a whole number",
+        ),
+        (
+            VALID.replace("selects:", "repeats: 2\n    selects:").replace(
+                "lc4: {model.latent_channels: 4}", "lc4: {model.latent_channels: 4, train.seed: 3}"
+            ),
+            r"experiments\.lc4: sets 'train\.seed', which `repeats: 2` sets for each run",
+        ),
+    ],
+)
+def test_bad_repeats_name_the_file_and_key(tmp_path, body, message):
+    path = write_phase(tmp_path, "1.1", body)
+    with pytest.raises(PhaseError, match=message) as err:
+        load_phase("1.1", tmp_path)
+    assert str(path) in str(err.value)
 
 
 def results(**rows) -> pd.DataFrame:
@@ -190,7 +242,8 @@ def test_rule_breaks_ties_within_tolerance_by_secondary_metrics():
     assert list(ranking.table["experiment"]) == ["small", "small_slow", "big", "tiny"]
     assert ranking.winner == "small"
     assert list(ranking.table["tied"]) == [True, True, True, False]
-    assert "3 of 4 experiments are within 5%" in ranking.reason
+    assert ranking.verdict == "tie-break"
+    assert "no candidate is better than the tolerance among 3 of 4" in ranking.reason
 
 
 def test_rule_without_ties_takes_the_best_and_orders_the_rest_by_the_metric():
@@ -294,6 +347,9 @@ def test_two_phases_chain_through_queue_run_compare_promote(project):
         path.unlink()
     write_phase(project / "phases", "1.1", CHAIN_1_1)
     write_phase(project / "phases", "1.2", CHAIN_1_2)
+    # Neither candidate's value: promoting either one must change params.yaml.
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("latent_channels: 4", "latent_channels: 8", 1))
     git(project, "add", "-A")
     git(project, "commit", "-q", "-m", "tiny phases")
 
@@ -303,7 +359,6 @@ def test_two_phases_chain_through_queue_run_compare_promote(project):
     assert "requires phase 1.1's decision" in refused.stderr
 
     # A dirty params.yaml would be snapshotted silently: refused unless --allow-dirty.
-    params = project / "params.yaml"
     clean = params.read_text()
     params.write_text(clean.replace("seed: 0", "seed: 1"))
     refused = aeselect(project, "queue", "1.1", check=False)
@@ -325,7 +380,7 @@ def test_two_phases_chain_through_queue_run_compare_promote(project):
     assert status.count("success") == 2
 
     compared = aeselect(project, "compare", "1.1").stdout
-    assert "winner by the rule" in compared
+    assert "verdict: " in compared and "Δ vs best [95% CI]" in compared
     report = project / "phases" / "reports" / "1.1"
     pictures = {"reconstructions.png", "zoom.png", "val_mse.png", "val_psnr.png", "pareto.png"}
     assert {"metrics.csv", "val_curves.csv", "report.md", *pictures} <= {
@@ -333,7 +388,7 @@ def test_two_phases_chain_through_queue_run_compare_promote(project):
     }
     markdown = (report / "report.md").read_text()
     assert all(f"({name})" in markdown for name in pictures)  # every picture is on the page
-    assert "p1-1-lc2" in markdown and "## Why" in markdown
+    assert "p1-1-lc2" in markdown and "## Verdict: " in markdown
     curves = pd.read_csv(report / "val_curves.csv")
     assert set(curves["experiment"]) == {"p1-1-lc2", "p1-1-lc4"}
     assert {"mse", "psnr"} <= set(curves["metric"])
@@ -391,3 +446,83 @@ def test_two_phases_chain_through_queue_run_compare_promote(project):
     assert "psnr_pooled" in final["metrics"]
     shown = aeselect(project, "show").stdout
     assert "Phase 1 is complete" in shown
+
+
+REPEATED = """\
+    id: "1.1"
+    title: seeds
+    requires: null
+    selects: [model.latent_channels]
+    repeats: 2
+    experiments:
+      lc2: {model.latent_channels: 2}
+      lc4: {model.latent_channels: 4}
+    decide:
+      metric: mse
+      direction: min
+      tolerance: 0.0
+      tie_breakers: [{metric: cost.params, direction: min}]
+"""
+
+
+@pytest.mark.slow
+def test_repeats_vary_training_only_and_the_report_shows_intervals(project):
+    for path in (project / "phases").glob("phase*.yaml"):
+        path.unlink()
+    write_phase(project / "phases", "1.1", REPEATED)
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "repeated phase")
+    aeselect(project, "run", "1.1", "-j", "2")
+
+    # The training seed changes the training, not the data: every run trained on the same
+    # data/prepared (one content hash in DVC's records), and the two seeds' metrics differ.
+    runs = {}
+    for baseline in json.loads(run_dvc(["exp", "show", "--json"], cwd=project).stdout):
+        for exp in baseline.get("experiments") or []:
+            data = exp["revs"][0]["data"]
+            runs[exp["name"]] = data
+    assert set(runs) == {"p1-1-lc2-s0", "p1-1-lc2-s1", "p1-1-lc4-s0", "p1-1-lc4-s1"}
+    assert len({d["deps"]["data/prepared"]["hash"] for d in runs.values()}) == 1
+    seeds = {n: d["params"]["params.yaml"]["data"]["train"]["seed"] for n, d in runs.items()}
+    assert seeds == {"p1-1-lc2-s0": 0, "p1-1-lc2-s1": 1, "p1-1-lc4-s0": 0, "p1-1-lc4-s1": 1}
+
+    def mse(name: str) -> float:
+        return runs[name]["metrics"]["results/evaluate/metrics.json"]["data"]["mse"]
+
+    assert mse("p1-1-lc2-s0") != mse("p1-1-lc2-s1")
+
+    compared = aeselect(project, "compare", "1.1").stdout
+    assert "Δ vs best [95% CI]" in compared and "verdict: " in compared
+    report = project / "phases" / "reports" / "1.1"
+    markdown = (report / "report.md").read_text()
+    print(markdown.split("## Reconstructions")[0])  # the excerpt the issue asks for (-s)
+    assert "| Δ vs best [95% CI]" in markdown and "mse.seed_std" in markdown
+    assert "## Verdict: " in markdown and "paired bootstrap over those images" in markdown
+    assert "under 2 training seeds" in markdown
+    table = pd.read_csv(report / "metrics.csv").set_index("experiment")
+    assert list(table.index) in (["p1-1-lc2", "p1-1-lc4"], ["p1-1-lc4", "p1-1-lc2"])
+    assert table.loc["p1-1-lc2", "mse"] == pytest.approx(
+        (mse("p1-1-lc2-s0") + mse("p1-1-lc2-s1")) / 2
+    )
+    loser = table[table["vs_best"] != "best"].iloc[0]  # the winner of a tie-break may not be it
+    assert loser["delta_low"] <= loser["delta"] <= loser["delta_high"]
+    assert f"[{loser['delta_low']:+.3g}, {loser['delta_high']:+.3g}]" in markdown
+    assert len(pd.read_csv(report / "runs.csv")) == 4
+
+    aeselect(project, "promote", "1.1")
+    decision = yaml.safe_load((project / "phases" / "decisions" / "1.1.yaml").read_text())
+    assert decision["verdict"] in ("clear", "tie-break")
+    assert decision["noise"]["training_seeds"] == 2 and decision["noise"]["resamples"] >= 1000
+    for candidate in decision["candidates"]:
+        assert set(candidate["runs"]) == {
+            f"{candidate['experiment']}-s0",
+            f"{candidate['experiment']}-s1",
+        }
+        low, high = candidate["interval_95"]
+        assert low <= candidate["difference_from_best"] <= high
+    assert (
+        decision["experiment_rev"] == decision["candidates"][0]["runs"][f"{decision['winner']}-s0"]
+    )
+    assert decision["verdict"] in git(project, "log", "-1", "--format=%s")
+    expected = "clearly better" if decision["verdict"] == "clear" else "better than the noise"
+    assert expected in decision["rationale"]

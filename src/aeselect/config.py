@@ -146,12 +146,15 @@ class TrainConfig:
     bf16: bool = True
     channels_last: bool = True
     compile: bool = False
+    # Training-only randomness (init, batch order, VAE sampling); the top-level `seed` draws the
+    # data and the split, so a phase's `repeats` vary this alone and compare the same val images.
+    seed: int = 0
 
     def validate(self) -> None:
         for key in ("max_steps", "batch_size", "eval_every", "log_every"):
             value = getattr(self, key)
             _check(value >= 1, f"train.{key}", f"must be >= 1, got {value}")
-        for key in ("warmup_steps", "num_workers", "num_threads"):
+        for key in ("warmup_steps", "num_workers", "num_threads", "seed"):
             value = getattr(self, key)
             _check(value >= 0, f"train.{key}", f"must be >= 0, got {value}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")

@@ -19,7 +19,7 @@ import yaml
 from aeselect.phases.cli import wait_for_phase
 from aeselect.phases.experiments import git, queue_phase
 from aeselect.phases.promote import promote, require_decided
-from aeselect.phases.report import compare, display_columns
+from aeselect.phases.report import compare, display_table
 from aeselect.phases.spec import DECISIONS_DIR, all_phases
 
 SCRATCH = Path("build/phase1-demo")
@@ -75,7 +75,7 @@ def run_demo(args: argparse.Namespace) -> int:
         wait_for_phase(repo, queue_phase(repo, spec, extra), args.jobs)
         comparison = compare(repo, spec, extra)
         table = comparison.ranking.table
-        print(table[["rank", *display_columns(spec, table)]].to_string(index=False))
+        print(display_table(spec, table).to_string(index=False))
         decision = promote(repo, spec, extra)
         timings[spec.id] = time.monotonic() - phase_start
         print(f"-> {decision['commit_message']}  [{timings[spec.id]:.0f} s]")

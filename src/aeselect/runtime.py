@@ -92,7 +92,7 @@ def select_runtime(cfg: TrainConfig) -> Runtime:
 
 
 def seed_everything(seed: int) -> None:
-    """The run's one seed for init; data order and sampling derive their own streams from it."""
+    """`train.seed` for init; batch order and sampling derive their own streams from it."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

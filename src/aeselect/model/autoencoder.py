@@ -209,7 +209,7 @@ class Autoencoder(nn.Module):
         latent = mean
         if logvar is not None and self.training:
             first, total = batch_rows or (0, len(mean))
-            # torch.randn with an explicit generator keeps sampling on the run's one seed.
+            # torch.randn with an explicit generator keeps sampling on the training seed.
             noise = torch.randn(
                 (total, *mean.shape[1:]), generator=generator, device=mean.device, dtype=mean.dtype
             )[first : first + len(mean)]

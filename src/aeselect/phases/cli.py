@@ -137,11 +137,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     spec = _spec(args)
     view = load_phase_runs(repo, spec, sweep_of(args, repo, spec))
     bad = 0
-    for key in spec.experiments:
-        current = view.current(key)
-        if not view.of(key):
-            print(f"{spec.experiment_name(key):28s} missing")
-        for run in view.of(key):
+    for phase_run in spec.runs():
+        current = view.current(phase_run)
+        if not view.of(phase_run):
+            print(f"{phase_run.name:28s} missing")
+        for run in view.of(phase_run):
             if not run.fresh:
                 print(f"{run.name:28s} stale (ran on {run.ran_on})")
                 continue
@@ -160,14 +160,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from aeselect.phases.report import compare, display_columns
+    from aeselect.phases.decide import VERDICTS
+    from aeselect.phases.report import compare, display_table
 
     repo, spec = _repo(args), _spec(args)
     result = compare(repo, spec, sweep_of(args, repo, spec))
-    table = result.ranking.table if result.ranking else result.results
-    print(table[display_columns(spec, table)].to_string(index=False))
-    if result.ranking:
-        print(f"\nwinner by the rule: {result.ranking.winner}\nwhy: {result.ranking.reason}")
+    ranking = result.ranking
+    table = ranking.table if ranking else result.phase.experiments
+    print(display_table(spec, table).to_string(index=False))
+    if ranking:
+        print(
+            f"\nverdict: {ranking.verdict} ({ranking.winner}: {VERDICTS[ranking.verdict]})"
+            f"\nwhy: {ranking.reason}"
+        )
     print(f"\nreport: {(result.report_dir / 'report.md').relative_to(repo)}")
     return 0
 

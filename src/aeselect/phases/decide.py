@@ -1,4 +1,5 @@
-"""The decision rule: best primary metric, ties within a tolerance broken by secondary criteria."""
+"""The decision rule: best primary metric; candidates within the noise or a tolerance of it are
+tied, and ties are broken by secondary criteria."""
 
 from __future__ import annotations
 
@@ -7,18 +8,40 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from aeselect.phases.noise import paired_bootstrap
 from aeselect.phases.spec import Criterion, DecisionRule, PhaseError
 
 
 @dataclass(frozen=True)
 class Ranking:
-    table: pd.DataFrame  # successful experiments, best first, with `rank` and `tied` columns
+    # Successful experiments, winner first, with `rank`, `tied`, `vs_best` and the difference from
+    # the best in the primary metric: `delta` with its 95% interval `delta_low`..`delta_high`.
+    table: pd.DataFrame
     winner: str
     reason: str
+    verdict: str  # one of VERDICTS
+    best: str  # the best by the primary metric alone
+
+
+VERDICTS = {
+    "clear": "better than every other candidate by more than the noise and the tolerance",
+    "tie-break": "tied with the best within the noise or the tolerance; the tie-breakers picked it",
+    "single": "the only successful experiment: nothing to compare",
+}
+NO_INTERVAL = "no per-image values were given, so no interval exists"
 
 
 def column(criterion: Criterion) -> str:
     return criterion.key if criterion.source == "metric" else f"params.{criterion.key}"
+
+
+def describe_difference(row: pd.Series) -> str:
+    """`+0.0012 [-0.0003, +0.0027]`: the difference from the best with its 95% interval."""
+    if row["vs_best"] == "best":
+        return "(the best)"
+    if math.isnan(row["delta_low"]):
+        return f"{row['delta']:+.3g} (no interval)"
+    return f"{row['delta']:+.3g} [{row['delta_low']:+.3g}, {row['delta_high']:+.3g}]"
 
 
 def _sort_value(value, direction: str) -> float:
@@ -29,8 +52,19 @@ def _sort_value(value, direction: str) -> float:
     return number if direction == "min" else -number
 
 
-def rank(results: pd.DataFrame, rule: DecisionRule) -> Ranking:
-    """Order the successful experiments by the rule and say why the first one wins."""
+def rank(
+    results: pd.DataFrame,
+    rule: DecisionRule,
+    per_image: pd.DataFrame | None = None,
+    no_interval: str = NO_INTERVAL,
+) -> Ranking:
+    """Order the successful experiments by the rule and say why the first one wins.
+
+    A candidate is tied with the best when its difference is within the tolerance or, given
+    `per_image` (the primary metric per val image, columns (experiment, seed) or one column per
+    experiment), when the paired bootstrap's 95% interval of the difference contains zero: then
+    it is noise, not a ranking.
+    """
     done = results[results["state"] == "Success"].copy()
     primary = column(rule.primary)
     if done.empty:
@@ -39,12 +73,31 @@ def rank(results: pd.DataFrame, rule: DecisionRule) -> Ranking:
         if column(criterion) not in done.columns:
             raise PhaseError(f"decide: no experiment reports {column(criterion)!r}")
     values = done[primary].astype(float)
-    best = values.min() if rule.primary.direction == "min" else values.max()
+    best_index = values.idxmin() if rule.primary.direction == "min" else values.idxmax()
+    best, best_name = values[best_index], str(done.loc[best_index, "experiment"])
     if rule.primary.direction == "min":
-        tied = values <= best * (1 + rule.tolerance)
+        within_tolerance = values <= best * (1 + rule.tolerance)
     else:
-        tied = values >= best * (1 - rule.tolerance)
-    done["tied"] = tied.to_numpy()
+        within_tolerance = values >= best * (1 - rule.tolerance)
+    done["delta"], done["delta_low"], done["delta_high"] = values - best, math.nan, math.nan
+    noise = pd.Series(False, index=done.index)
+    if per_image is not None:
+        for index, name in done["experiment"].items():
+            if index == best_index:  # zero by definition (resampling its seeds twice would blur it)
+                done.loc[index, ["delta_low", "delta_high"]] = 0.0
+                continue
+            difference = paired_bootstrap(per_image[best_name], per_image[name])
+            done.loc[index, ["delta", "delta_low", "delta_high"]] = (
+                difference.value,
+                difference.low,
+                difference.high,
+            )
+            noise[index] = difference.includes_zero
+    done["tied"] = within_tolerance | noise
+    vs_best = pd.Series("worse", index=done.index)
+    vs_best = vs_best.mask(within_tolerance, "tolerance").mask(noise, "noise")
+    vs_best[best_index] = "best"
+    done["vs_best"] = vs_best
 
     def order_key(row: pd.Series) -> tuple:
         """Tied rows first, by the tie-breakers; the rest after them by the primary metric."""
@@ -57,23 +110,59 @@ def rank(results: pd.DataFrame, rule: DecisionRule) -> Ranking:
     order = sorted(range(len(done)), key=lambda i: order_key(done.iloc[i]))
     table = done.iloc[order].reset_index(drop=True)
     table.insert(0, "rank", range(1, len(table) + 1))
-    return Ranking(table, str(table.loc[0, "experiment"]), _reason(table, rule, best))
+    verdict = "single" if len(table) == 1 else "clear" if table["tied"].sum() == 1 else "tie-break"
+    reason = _reason(table, rule, verdict, best_name, "" if per_image is not None else no_interval)
+    return Ranking(table, str(table.loc[0, "experiment"]), reason, verdict, best_name)
 
 
-def _reason(table: pd.DataFrame, rule: DecisionRule, best: float) -> str:
+def _reason(
+    table: pd.DataFrame, rule: DecisionRule, verdict: str, best: str, no_interval: str
+) -> str:
+    """The verdict in words, then every difference from the best with its interval."""
     primary = column(rule.primary)
     winner = table.iloc[0]
-    text = (
-        f"{winner['experiment']} has {primary} {winner[primary]:.6g}; the best is {best:.6g}, "
-        f"and {int(table['tied'].sum())} of {len(table)} experiments are within "
-        f"{rule.tolerance:.0%} of it"
-    )
-    if table["tied"].sum() > 1 and rule.tie_breakers:
-        breakers = ", then ".join(c.describe() for c in rule.tie_breakers)
-        details = "; ".join(
-            f"{row['experiment']}: "
-            + ", ".join(f"{c.key}={row[column(c)]}" for c in rule.tie_breakers)
-            for _, row in table[table["tied"]].iterrows()
+    best_value = float(table.set_index("experiment").loc[best, primary])
+    if verdict == "single":
+        return (
+            f"{winner['experiment']} is the only successful experiment ({primary} "
+            f"{winner[primary]:.6g}): there is nothing to compare it with"
         )
-        text += f"; among those, ordered by {breakers} ({details})"
-    return text
+    bounds = []
+    if not no_interval:
+        bounds.append(
+            "within the noise (the 95% bootstrap interval of the difference, paired by val "
+            "image, contains 0)"
+        )
+    if rule.tolerance > 0:
+        bounds.append(f"within {rule.tolerance:.0%} of it")
+    tie = " or ".join(bounds) or "equal to it"
+    tie += f" ({no_interval})" if no_interval else ""
+    if verdict == "clear":
+        text = (
+            f"{winner['experiment']} is clearly better: it has the best {primary} "
+            f"({best_value:.6g}), and no other candidate is {tie}"
+        )
+    else:
+        tied = table[table["tied"]]
+        text = f"no candidate is better than {'the tolerance' if no_interval else 'the noise'}"
+        if len(tied) == len(table):
+            text += ": both are" if len(table) == 2 else f": all {len(table)} are"
+        else:
+            text += f" among {len(tied)} of {len(table)}: {', '.join(tied['experiment'])} are"
+        text += f" tied with the best {primary}, {best} ({best_value:.6g}), being {tie}; "
+        if rule.tie_breakers:
+            breakers = ", then ".join(c.describe() for c in rule.tie_breakers)
+            details = "; ".join(
+                f"{row['experiment']}: "
+                + ", ".join(f"{c.key}={row[column(c)]}" for c in rule.tie_breakers)
+                for _, row in tied.iterrows()
+            )
+            text += f"picked by tie-breakers, {breakers} ({details}): {winner['experiment']}"
+        else:
+            text += f"with no tie-breakers the best {primary} stands: {winner['experiment']}"
+    differences = ", ".join(
+        f"{row['experiment']} {describe_difference(row)}"
+        for _, row in table.iterrows()
+        if row["experiment"] != best
+    )
+    return text + f". {primary} minus the best's, with 95% intervals: {differences}"

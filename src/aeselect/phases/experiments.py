@@ -1,6 +1,7 @@
 """A phase's experiments in DVC: queue them, read their states, collect their results.
 
-A phase experiment may have several runs (`p1-1-lc8`, `p1-1-lc8_2`, ...). A run counts only
+A phase run (`spec.runs()`: an experiment, or with `repeats` an experiment under one training
+seed) may have several attempts (`p1-1-lc8`, `p1-1-lc8_2`, ...). An attempt counts only
 while it is *fresh*: the params it recorded equal params.yaml at HEAD plus its experiment's set
 plus the sweep's --set, and its `src/` and `dvc.yaml` are HEAD's. Every other run is stale.
 
@@ -26,7 +27,7 @@ import pandas as pd
 
 from aeselect.config import PARAMS_FILE, ConfigError, apply_overrides, flatten, from_dict
 from aeselect.dvc import DvcError, run_dvc
-from aeselect.phases.spec import PhaseError, PhaseSpec
+from aeselect.phases.spec import PhaseError, PhaseRun, PhaseSpec
 
 RUN_DIR = Path(".dvc/tmp/exps/run")
 DRAIN_DIR = Path(".dvc/tmp/aeselect-drain")  # the drainer's claims (aeselect.cluster.drain)
@@ -78,14 +79,16 @@ def dvc_command(name: str, params: dict[str, Any]) -> list[str]:
     return ["exp", "run", "--queue", "-n", name, *sets]
 
 
-def experiment_params(spec: PhaseSpec, key: str, extra: dict[str, Any]) -> dict[str, Any]:
-    clash = sorted(set(extra) & set(spec.experiments[key]))
+def experiment_params(spec: PhaseSpec, run: PhaseRun, extra: dict[str, Any]) -> dict[str, Any]:
+    """What one run sets on top of params.yaml: its experiment's params (and, with `repeats`,
+    its training seed), then the sweep's --set."""
+    clash = sorted(set(extra) & set(run.params))
     if clash:
         raise PhaseError(
-            f"--set {', '.join(clash)}: phase {spec.id} experiment {key!r} sets this itself "
-            f"({spec.path}); drop it from --set"
+            f"--set {', '.join(clash)}: phase {spec.id} run {run.name!r} sets this itself "
+            f"({spec.path}: its experiment {run.key!r} or `repeats`); drop it from --set"
         )
-    return {**spec.experiments[key], **extra}
+    return {**run.params, **extra}
 
 
 def queue_states(repo: Path) -> dict[str, TaskState]:
@@ -190,23 +193,25 @@ class Baseline:
     code: tuple[str, ...] | None
     sweep: dict[str, Any]
 
-    def expected(self, spec: PhaseSpec, key: str) -> dict[str, Any]:
-        """The canonical params of experiment `key`; raises, naming the file, if invalid."""
-        merged = apply_overrides(self.params, experiment_params(spec, key, self.sweep))
+    def expected(self, spec: PhaseSpec, run: PhaseRun) -> dict[str, Any]:
+        """The canonical params of one phase run; raises, naming the file, if invalid."""
+        merged = apply_overrides(self.params, experiment_params(spec, run, self.sweep))
         try:
             return from_dict(merged).flat()
         except ConfigError as err:
             raise PhaseError(
-                f"{spec.path}: experiment {key!r} on top of {PARAMS_FILE}: {err}"
+                f"{spec.path}: experiment {run.key!r} on top of {PARAMS_FILE}: {err}"
             ) from None
 
 
 @dataclass(frozen=True)
 class Run:
-    """One DVC experiment of a phase under its own name: queued, running or finished."""
+    """One attempt at a phase run (`PhaseRun`) under its own DVC experiment name: queued,
+    running or finished."""
 
     name: str
     key: str
+    repeat: int  # the PhaseRun's training seed index (0 without `repeats`)
     attempt: int  # 1 for p1-1-lc8, 2 for p1-1-lc8_2, ...
     status: str  # Queued | Running | Success | Failed | Stuck
     task: TaskState | None  # DVC's queue entry or the drainer's claim, if either knows it
@@ -222,20 +227,22 @@ class Run:
         return (self.baseline or "unknown commit")[:7]
 
 
-def parse_run_name(spec: PhaseSpec, name: str) -> tuple[str, int] | None:
-    """(experiment key, attempt) of one of the phase's run names, None for any other name."""
-    rest = name.removeprefix(f"{spec.slug}-")
-    key, separator, attempt = rest.partition(ATTEMPT_SEPARATOR)
-    if rest == name or key not in spec.experiments:
+def parse_run_name(spec: PhaseSpec, name: str) -> tuple[str, int, int] | None:
+    """(experiment key, repeat, attempt) of one of the phase's run names (`p1-1-lc8_2`, with
+    `repeats` `p1-1-lc8-s1_2`), None for any other name."""
+    base, separator, attempt = name.partition(ATTEMPT_SEPARATOR)
+    run = {run.name: run for run in spec.runs()}.get(base)
+    if run is None:
         return None
     if not separator:
-        return key, 1
-    return (key, int(attempt)) if attempt.isdigit() and int(attempt) > 1 else None
+        return run.key, run.repeat, 1
+    if not attempt.isdigit() or int(attempt) < 2:
+        return None
+    return run.key, run.repeat, int(attempt)
 
 
-def run_name(spec: PhaseSpec, key: str, attempt: int) -> str:
-    base = spec.experiment_name(key)
-    return base if attempt == 1 else f"{base}{ATTEMPT_SEPARATOR}{attempt}"
+def run_name(run: PhaseRun, attempt: int) -> str:
+    return run.name if attempt == 1 else f"{run.name}{ATTEMPT_SEPARATOR}{attempt}"
 
 
 @dataclass(frozen=True)
@@ -247,26 +254,31 @@ class PhaseRuns:
     runs: list[Run]
     taken: frozenset[str]  # every name in use, also by runs DVC no longer shows
 
-    def of(self, key: str) -> list[Run]:
-        return sorted((r for r in self.runs if r.key == key), key=lambda r: r.attempt)
+    def of(self, phase_run: PhaseRun) -> list[Run]:
+        """The attempts at one phase run (an experiment, or one of its training seeds)."""
+        return sorted(
+            (r for r in self.runs if (r.key, r.repeat) == (phase_run.key, phase_run.repeat)),
+            key=lambda r: r.attempt,
+        )
 
-    def current(self, key: str) -> Run | None:
-        """The fresh run that speaks for an experiment: its newest success, else its newest
+    def current(self, phase_run: PhaseRun) -> Run | None:
+        """The fresh attempt that speaks for a phase run: its newest success, else its newest
         attempt (queued, running, failed or stuck)."""
-        fresh = [r for r in self.of(key) if r.fresh]
+        fresh = [r for r in self.of(phase_run) if r.fresh]
         done = [r for r in fresh if r.status == "Success"]
         return (done or fresh or [None])[-1]
 
-    def stale(self, key: str) -> list[Run]:
-        return [r for r in self.of(key) if not r.fresh]
+    def stale(self, phase_run: PhaseRun) -> list[Run]:
+        return [r for r in self.of(phase_run) if not r.fresh]
 
-    def next_name(self, key: str) -> str:
+    def next_name(self, phase_run: PhaseRun) -> str:
         """The attempt after the last one any record of this clone knows: runs are told apart
         by name in DVC's queue, the drainer's claims and `dvc exp show`, so a name is never
         given twice, and a higher attempt is always the newer run."""
-        attempts = [parse_run_name(self.spec, name) for name in self.taken]
-        last = max((a[1] for a in attempts if a and a[0] == key), default=0)
-        name = run_name(self.spec, key, last + 1)
+        parsed = [parse_run_name(self.spec, name) for name in self.taken]
+        mine = (phase_run.key, phase_run.repeat)
+        last = max((p[2] for p in parsed if p and p[:2] == mine), default=0)
+        name = run_name(phase_run, last + 1)
         if not RUN_NAME.match(name):  # it reaches `dvc exp run -n` and Git ref names
             raise PhaseError(f"{name!r} is not a valid experiment name")
         return name
@@ -295,7 +307,7 @@ def load_phase_runs(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Phase
     baseline = Baseline(
         head, _params_tree(head_entry.get("data") or {}), code_trees(repo, head), sweep
     )
-    expected = {key: baseline.expected(spec, key) for key in spec.experiments}
+    expected = {(run.key, run.repeat): baseline.expected(spec, run) for run in spec.runs()}
 
     records: dict[str, Run] = {}  # exp show: one entry per name, the newest
     for entry in shown:
@@ -353,7 +365,7 @@ def load_phase_runs(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Phase
             trees[code_rev] = code_trees(repo, code_rev)
         fresh = (
             run.params is not None
-            and run.params == expected[run.key]
+            and run.params == expected[run.key, run.repeat]
             and code_rev is not None
             and trees[code_rev] == baseline.code
         )
@@ -381,23 +393,23 @@ def queue_phase(
     if not dry_run:
         record_sweep(repo, spec, sweep)
     current: list[str] = []
-    for key in spec.experiments:
-        for run in view.stale(key):
+    for phase_run in spec.runs():
+        for run in view.stale(phase_run):
             if run.task and run.task.task and run.status == "Queued" and not dry_run:
                 run_dvc(["queue", "remove", run.name], cwd=repo)
                 echo(f"{run.name}: removed from DVC's queue (stale: queued on {run.ran_on})")
-        run = view.current(key)
+        run = view.current(phase_run)
         if run is not None and (run.status != "Failed" or not retry_failed):
             echo(f"{run.name}: already {run.status.lower()}; not queued again")
             current.append(run.name)
             continue
-        name = view.next_name(key)
-        args = dvc_command(name, experiment_params(spec, key, sweep))
+        name = view.next_name(phase_run)
+        args = dvc_command(name, experiment_params(spec, phase_run, sweep))
         if dry_run:
             echo(shlex.join(["dvc", *args]))
             continue
         _run_with_lock_retry(repo, args)
-        stale = view.stale(key)
+        stale = view.stale(phase_run)
         if run is not None:
             why = f" (again: {run.name} failed)"
         elif stale:
@@ -427,26 +439,27 @@ def exp_show(repo: Path) -> list[dict[str, Any]]:
 
 
 def collect_results(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> pd.DataFrame:
-    """One row per experiment of the phase, from the fresh run that speaks for it: state, run
-    name, rev, baseline, canonical params and flattened metrics.
+    """One row per run of the phase (`spec.runs()`: `key`, `repeat`), from the fresh attempt
+    that speaks for it: state, run name, rev, baseline, canonical params and flattened metrics.
 
-    Failed runs keep their row (state Failed) without metrics, never the baseline's; an
-    experiment whose runs are all stale is Stale (`stale_on`: the commit its newest ran on),
-    one with no run at all Missing.
+    Failed runs keep their row (state Failed) without metrics, never the baseline's; a run
+    whose attempts are all stale is Stale (`stale_on`: the commit its newest ran on), one with
+    no attempt at all Missing.
     """
     view = load_phase_runs(repo, spec, sweep)
     rows = []
-    for key in spec.experiments:
-        run = view.current(key)
+    for phase_run in spec.runs():
+        run = view.current(phase_run)
+        identity = {"key": phase_run.key, "repeat": phase_run.repeat}
         if run is None:
-            stale = view.stale(key)
-            row = {"experiment": spec.experiment_name(key), "key": key, "state": "Missing"}
+            stale = view.stale(phase_run)
+            row = {"experiment": phase_run.name, **identity, "state": "Missing"}
             if stale:
                 row |= {"state": "Stale", "stale_on": stale[-1].ran_on}
         else:
             row = {
                 "experiment": run.name,
-                "key": key,
+                **identity,
                 "state": run.status,
                 "rev": run.rev,
                 "baseline": run.baseline,

@@ -17,7 +17,15 @@ from ruamel.yaml import YAML
 from aeselect.config import PARAMS_FILE, EvaluateConfig, apply_overrides, from_dict, read_yaml
 from aeselect.evaluation.gates import gate_bounds
 from aeselect.phases.decide import Ranking, column, rank
-from aeselect.phases.experiments import collect_results, dirty_paths, git, parse_run_name
+from aeselect.phases.experiments import dirty_paths, git, parse_run_name
+from aeselect.phases.noise import (
+    BOOTSTRAP_SEED,
+    CONFIDENCE,
+    RESAMPLES,
+    PhaseResults,
+    gather,
+    seed_spread_column,
+)
 from aeselect.phases.spec import DECISIONS_DIR, PhaseError, PhaseSpec
 
 # Columns every decision file and report shows, beside the rule's own.
@@ -89,12 +97,15 @@ def _plain(value: Any) -> Any:
 
 
 def _summary(row: pd.Series, spec: PhaseSpec) -> dict[str, Any]:
-    keys = [column(c) for c in (spec.decide.primary, *spec.decide.tie_breakers)] + HEADLINE
+    primary = column(spec.decide.primary)
+    keys = [primary, seed_spread_column(primary)]
+    keys += [column(c) for c in spec.decide.tie_breakers] + HEADLINE
     return {k: _plain(row[k]) for k in dict.fromkeys(keys) if k in row.index}
 
 
 def _listing(results: pd.DataFrame) -> dict[str, str]:
-    """Each experiment that has no successful fresh run, with what it has instead."""
+    """Each run (`collect_results` rows) that has no successful fresh attempt, with what it has
+    instead."""
     listing = {}
     for _, row in results[results["state"] != "Success"].iterrows():
         state = row["state"].lower()
@@ -102,6 +113,37 @@ def _listing(results: pd.DataFrame) -> dict[str, str]:
             state = f"stale: ran on {row['stale_on']}"
         listing[row["experiment"]] = state
     return listing
+
+
+def _versus_best(row: pd.Series) -> dict[str, Any]:
+    """The candidate's difference from the best in the primary metric, with its 95% interval."""
+    interval = [_plain(row["delta_low"]), _plain(row["delta_high"])]
+    return {
+        "difference_from_best": _plain(row["delta"]),
+        "interval_95": None if interval[0] is None else interval,
+        "versus_best": row["vs_best"],
+    }
+
+
+def _picked(spec: PhaseSpec, phase: PhaseResults, pick: str) -> pd.Series:
+    """The experiment `--pick` names, by its name (`p1-1-lc8`: its current fresh run) or by the
+    name of a current run of it (`p1-1-lc8_2`; with `repeats`, `p1-1-lc8-s1`); it must have
+    succeeded on today's baseline."""
+    bases = {spec.experiment_name(key): key for key in spec.experiments}
+    parsed = parse_run_name(spec, pick)
+    key = bases.get(pick) or (parsed[0] if parsed else None)
+    if key is None:
+        names = ", ".join(bases)
+        raise PhaseError(f"--pick {pick}: not an experiment of phase {spec.id} ({names})")
+    row = phase.experiments.set_index("key").loc[key]
+    own = phase.runs[phase.runs["key"] == key]
+    if row["state"] != "Success" or (pick not in bases and pick not in set(own["experiment"])):
+        current = ", ".join(own["experiment"])
+        state = ", ".join(f"{n}: {s}" for n, s in _listing(own).items())
+        raise PhaseError(
+            f"--pick {pick}: it has no successful fresh run ({state or f'its run is {current}'})"
+        )
+    return row
 
 
 def promote(
@@ -114,7 +156,7 @@ def promote(
 ) -> dict[str, Any]:
     """Write the decision and commit it; refuses rather than guess or lose work.
 
-    Only fresh runs count (`collect_results`): each ran with params.yaml at HEAD, its
+    Only fresh runs count (`gather`, `collect_results`): each ran with params.yaml at HEAD, its
     experiment's set and the sweep's --set (`sweep`), on HEAD's code and pipeline.
     """
     if dirty_paths(repo, (PARAMS_FILE,)):
@@ -127,8 +169,9 @@ def promote(
             f"phase {spec.id} is already decided ({DECISIONS_DIR}/{spec.id}.yaml); "
             "`git revert` that commit to decide again"
         )
-    results = collect_results(repo, spec, sweep)
-    unfinished = _listing(results)
+    phase = gather(repo, spec, sweep)
+    runs = phase.runs
+    unfinished = _listing(runs)
     if unfinished and pick is None:
         listing = ", ".join(f"{n} ({s})" for n, s in unfinished.items())
         raise PhaseError(
@@ -136,18 +179,11 @@ def promote(
             f"{listing}. Run them (`aeselect phase run {spec.id}` queues what is missing, "
             "stale or failed), or choose with --pick NAME --why '...'"
         )
-    ranking: Ranking = rank(results, spec.decide)
+    ranking: Ranking = rank(phase.experiments, spec.decide, phase.per_image, phase.no_interval)
     winner = ranking.winner
     override = None
     if pick is not None:
-        parsed = parse_run_name(spec, pick)
-        if parsed is None:
-            names = ", ".join(spec.names())
-            raise PhaseError(f"--pick {pick}: not an experiment of phase {spec.id} ({names})")
-        row = results.set_index("key").loc[parsed[0]]
-        if row["state"] != "Success" or (parsed[1] > 1 and row["experiment"] != pick):
-            state = _listing(results).get(row["experiment"], f"its run is {row['experiment']}")
-            raise PhaseError(f"--pick {pick}: it has no successful fresh run ({state})")
+        row = _picked(spec, phase, pick)
         if not why:
             raise PhaseError("--pick needs --why '...': the decision file records the reason")
         override = {"picked": row["experiment"], "rule_winner": winner, "why": why}
@@ -190,19 +226,32 @@ def promote(
             "tolerance": spec.decide.tolerance,
             "tie_breakers": [c.describe() for c in spec.decide.tie_breakers],
         },
+        "verdict": ranking.verdict,
         "rationale": (f"picked by hand: {why}; the rule's order was: " if override else "")
         + ranking.reason,
+        "noise": {
+            "method": f"paired bootstrap over the val images of {primary}, minus the best's",
+            "best": ranking.best,
+            "val_images": None if phase.per_image is None else len(phase.per_image),
+            "resamples": RESAMPLES,
+            "seed": BOOTSTRAP_SEED,
+            "confidence": CONFIDENCE,
+            "training_seeds": spec.repeats,
+            "no_interval": phase.no_interval or None,
+        },
         "metrics": _summary(row, spec),
         "candidates": [
             {
                 "experiment": r["experiment"],
                 "rank": int(r["rank"]),
-                "within_tolerance": bool(r["tied"]),
+                "tied_with_best": bool(r["tied"]),
                 "experiment_rev": _plain(r["rev"]),
                 "baseline_commit": _plain(r["baseline"]),
                 "params": {k: _plain(r.get(f"params.{k}")) for k in spec.selects},
             }
+            | _versus_best(r)
             | _summary(r, spec)
+            | _seed_runs(runs, r["key"], spec)
             for _, r in ranking.table.iterrows()
         ]
         + [{"experiment": n, "state": s} for n, s in unfinished.items()],
@@ -217,12 +266,22 @@ def promote(
         final_path.write_text(yaml.safe_dump(final, sort_keys=False, width=100))
         committed.append(str(final_path.relative_to(repo)))
     settings = " ".join(f"{k.split('.')[-1]}={v}" for k, v in selected.items())
-    message = f"phase {spec.id}: {settings or winner} ({primary} {row[primary]:.4g})"
+    message = (
+        f"phase {spec.id}: {settings or winner} ({primary} {row[primary]:.4g}, {ranking.verdict})"
+    )
     git(repo, "add", "--", *committed)
     git(repo, "commit", "-q", "-m", message, "--", *committed)
     decision["commit"] = git(repo, "rev-parse", "--short", "HEAD").strip()
     decision["commit_message"] = message
     return decision
+
+
+def _seed_runs(runs: pd.DataFrame, key: str, spec: PhaseSpec) -> dict[str, Any]:
+    """With `repeats`, each seed's run and rev (the experiment's own rev is its seed 0's)."""
+    if spec.repeats == 1:
+        return {}
+    mine = runs[runs["key"] == key]
+    return {"runs": {str(r["experiment"]): _plain(r["rev"]) for _, r in mine.iterrows()}}
 
 
 def last_phase_id(repo: Path) -> str:

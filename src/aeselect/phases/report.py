@@ -11,28 +11,30 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from aeselect.phases.decide import Ranking, column, rank
-from aeselect.phases.experiments import collect_results
+from aeselect.phases.decide import VERDICTS, Ranking, column, describe_difference, rank
+from aeselect.phases.noise import (
+    BOOTSTRAP_SEED,
+    CONFIDENCE,
+    RESAMPLES,
+    PhaseResults,
+    gather,
+    read_output,
+    seed_spread_column,
+)
 from aeselect.phases.promote import HEADLINE, read_decision
-from aeselect.phases.spec import REPORTS_DIR, PhaseSpec
+from aeselect.phases.spec import REPEAT_SEED_KEY, REPORTS_DIR, PhaseSpec
 
 RECONSTRUCTIONS = "results/evaluate/plots/images/reconstructions.png"
 VAL_CURVES_DIR = "results/train/plots/metrics/val"
 GRID_PADDING = 2  # torchvision make_grid's padding in evaluation/images.py
+DIFFERENCE = "Δ vs best [95% CI]"
 
 
 @dataclass
 class Comparison:
-    results: pd.DataFrame
+    phase: PhaseResults
     ranking: Ranking | None
     report_dir: Path
-
-
-def _open_output(repo: Path, path: str, rev: str) -> bytes:
-    import dvc.api
-
-    with dvc.api.open(path, repo=str(repo), rev=rev, mode="rb") as handle:
-        return handle.read()
 
 
 def val_curves(repo: Path, done: pd.DataFrame) -> pd.DataFrame:
@@ -60,9 +62,7 @@ def side_by_side(repo: Path, done: pd.DataFrame, image_size: int) -> Image.Image
     (every column is a tile with GRID_PADDING on both sides)."""
     columns: list[Image.Image] = []
     for i, (_, row) in enumerate(done.iterrows()):
-        grid = Image.open(io.BytesIO(_open_output(repo, RECONSTRUCTIONS, row["rev"]))).convert(
-            "RGB"
-        )
+        grid = Image.open(io.BytesIO(read_output(repo, RECONSTRUCTIONS, row["rev"]))).convert("RGB")
         step = image_size + GRID_PADDING
         for col in [0, 1] if i == 0 else [1]:
             columns.append(
@@ -159,14 +159,17 @@ def detail_zoom(grid: Image.Image, image_size: int, factor: int = 4) -> Image.Im
 
 
 def compare(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Comparison:
-    """Rank the phase's fresh runs (`collect_results`) and write its report."""
-    results = collect_results(repo, spec, sweep)
+    """Rank the phase's fresh runs (`gather`, `collect_results`) and write its report."""
+    phase = gather(repo, spec, sweep)
+    results = phase.experiments
     report_dir = repo / REPORTS_DIR / spec.id
     report_dir.mkdir(parents=True, exist_ok=True)
     done = results[results["state"] == "Success"]
-    ranking = rank(results, spec.decide) if len(done) else None
+    ranking = rank(results, spec.decide, phase.per_image, phase.no_interval) if len(done) else None
     ordered = ranking.table if ranking else results
     ordered.to_csv(report_dir / "metrics.csv", index=False)
+    if spec.repeats > 1:
+        phase.runs.to_csv(report_dir / "runs.csv", index=False)
     if ranking is not None:
         curves = val_curves(repo, ranking.table)
         curves.to_csv(report_dir / "val_curves.csv", index=False)
@@ -176,32 +179,76 @@ def compare(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Comparison:
         if grid is not None:
             grid.save(report_dir / "reconstructions.png")
             detail_zoom(grid, size).save(report_dir / "zoom.png")
-    (report_dir / "report.md").write_text(render_markdown(repo, spec, results, ranking))
-    return Comparison(results, ranking, report_dir)
+    (report_dir / "report.md").write_text(render_markdown(repo, spec, phase, ranking))
+    return Comparison(phase, ranking, report_dir)
 
 
-def display_columns(spec: PhaseSpec, frame: pd.DataFrame) -> list[str]:
-    wanted = ["experiment", "state"] + [f"params.{k}" for k in spec.selects]
-    wanted += [column(c) for c in (spec.decide.primary, *spec.decide.tie_breakers)] + HEADLINE
-    return [c for c in dict.fromkeys(wanted) if c in frame.columns]
+def display_table(spec: PhaseSpec, table: pd.DataFrame) -> pd.DataFrame:
+    """The table as `phase compare` prints it and report.md shows it: the selected params, the
+    primary metric with its spread across seeds and its difference from the best (95% interval),
+    the tie-breakers and the headline metrics."""
+    primary = column(spec.decide.primary)
+    shown = table.assign(
+        **({DIFFERENCE: table.apply(describe_difference, axis=1)} if "delta" in table else {})
+    )
+    wanted = ["rank", "experiment", "state"] + [f"params.{k}" for k in spec.selects]
+    wanted += [primary, seed_spread_column(primary), DIFFERENCE, "vs_best"]
+    wanted += [column(c) for c in spec.decide.tie_breakers] + HEADLINE
+    return shown[[c for c in dict.fromkeys(wanted) if c in shown.columns]]
+
+
+def noise_note(spec: PhaseSpec, phase: PhaseResults, ranking: Ranking) -> list[str]:
+    """How to read the differences: what was resampled, and what counts as a tie."""
+    primary = column(spec.decide.primary)
+    if phase.per_image is None:
+        lines = [
+            f"{DIFFERENCE}: {primary} minus the best's ({ranking.best}). No interval: "
+            f"{phase.no_interval}; ties are judged by the {spec.decide.tolerance:.0%} tolerance "
+            "alone."
+        ]
+    else:
+        lines = [
+            f"{DIFFERENCE}: {primary} minus the best's ({ranking.best}), the mean over the "
+            f"{len(phase.per_image)} val images of the per-image difference; the interval is a "
+            f"paired bootstrap over those images ({RESAMPLES} resamples, seed {BOOTSTRAP_SEED}, "
+            f"{CONFIDENCE:.0%}). A candidate whose interval contains 0 (`noise`), or that is "
+            f"within {spec.decide.tolerance:.0%} of the best (`tolerance`), is tied with it; ties "
+            "go to the tie-breakers."
+        ]
+    if spec.repeats == 1:
+        lines += [
+            "",
+            "The interval covers which val images were drawn, not the training's own noise: one "
+            f"run per experiment cannot show how far another `{REPEAT_SEED_KEY}` would move it "
+            "(`repeats: N` in the phase file runs N seeds and shows their spread).",
+        ]
+    else:
+        lines += [
+            "",
+            f"Each experiment ran under {spec.repeats} training seeds (`{REPEAT_SEED_KEY}` 0 to "
+            f"{spec.repeats - 1}; same data and split): its metrics and per-image values are "
+            f"means over the seeds, `{seed_spread_column(primary)}` the std of {primary} across "
+            "them, and the bootstrap resamples each experiment's seeds along with the images (a "
+            "seed shifts a whole run, which resampling images cannot see). `runs.csv` lists every "
+            "run; curves and reconstructions show seed 0.",
+        ]
+    return lines
 
 
 def render_markdown(
-    repo: Path, spec: PhaseSpec, results: pd.DataFrame, ranking: Ranking | None
+    repo: Path, spec: PhaseSpec, phase: PhaseResults, ranking: Ranking | None
 ) -> str:
+    results = phase.experiments
     table = ranking.table if ranking else results
-    shown = (
-        table[["rank", *display_columns(spec, table)]]
-        if ranking
-        else table[display_columns(spec, table)]
-    )
+    shown = display_table(spec, table)
     decision = read_decision(spec.id, repo)
-    names = " ".join(results.loc[results["state"] == "Success", "experiment"])
+    names = " ".join(phase.runs.loc[phase.runs["state"] == "Success", "experiment"])
     lines = [
         f"# Phase {spec.id}: {spec.title}",
         "",
         f"Selects: {', '.join(f'`{k}`' for k in spec.selects) or 'nothing (final training)'}. "
-        f"Rule: {spec.decide.primary.describe()}, ties within {spec.decide.tolerance:.0%}"
+        f"Rule: {spec.decide.primary.describe()}, ties within the noise or "
+        f"{spec.decide.tolerance:.0%}"
         + (
             f", then {', '.join(c.describe() for c in spec.decide.tie_breakers)}"
             if spec.decide.tie_breakers
@@ -215,7 +262,16 @@ def render_markdown(
         "",
     ]
     if ranking:
-        lines += ["## Why", "", ranking.reason + ".", ""]
+        lines += [
+            f"## Verdict: {ranking.verdict}",
+            "",
+            f"{ranking.winner}: {VERDICTS[ranking.verdict]}.",
+            "",
+            ranking.reason + ".",
+            "",
+            *noise_note(spec, phase, ranking),
+            "",
+        ]
     if decision:
         lines += [
             "## Decision",

@@ -28,10 +28,12 @@ REPORTS_DIR = PHASES_DIR / "reports"
 # Experiment keys become part of DVC experiment names, i.e. Git ref names: keep them plain.
 EXPERIMENT_KEY = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
 PHASE_ID = re.compile(r"^\d+\.\d+$")
-# The keys a phase file must hold; those it may hold (an optional key is added to PHASE_KEYS only,
-# e.g. REQUIRED_PHASE_KEYS + ("repeats",)); those of `decide:` and of one criterion.
+# The key a phase's `repeats` varies: training randomness only, so every run sees the same data.
+REPEAT_SEED_KEY = "train.seed"
+# The keys a phase file must hold; those it may hold (the optional `repeats` only); those of
+# `decide:` and of one criterion.
 REQUIRED_PHASE_KEYS = ("id", "title", "requires", "selects", "experiments", "decide")
-PHASE_KEYS = REQUIRED_PHASE_KEYS
+PHASE_KEYS = (*REQUIRED_PHASE_KEYS, "repeats")
 DECIDE_KEYS = ("metric", "direction", "tolerance", "tie_breakers")
 CRITERION_KEYS = ("metric", "param", "direction")
 
@@ -61,6 +63,16 @@ class DecisionRule:
 
 
 @dataclass(frozen=True)
+class PhaseRun:
+    """One DVC experiment of a phase: an experiment of the phase file under one training seed."""
+
+    name: str  # the DVC experiment name
+    key: str  # the experiment's key in the phase file
+    repeat: int  # 0 .. repeats - 1
+    params: dict[str, Any]  # the experiment's params, plus REPEAT_SEED_KEY when the phase repeats
+
+
+@dataclass(frozen=True)
 class PhaseSpec:
     id: str
     title: str
@@ -69,6 +81,7 @@ class PhaseSpec:
     experiments: dict[str, dict[str, Any]]
     decide: DecisionRule
     path: Path = field(compare=False)
+    repeats: int = 1  # training seeds per experiment (REPEAT_SEED_KEY = 0 .. repeats - 1)
 
     @property
     def slug(self) -> str:
@@ -78,8 +91,25 @@ class PhaseSpec:
         """The DVC experiment name, e.g. `p1-1-lc8-bc16`: unique per phase, a valid Git ref."""
         return f"{self.slug}-{key}"
 
+    def runs(self) -> list[PhaseRun]:
+        """Every DVC experiment the phase runs: one per experiment, or with `repeats: N` one per
+        experiment and training seed, named `<experiment name>-s<seed>`."""
+        if self.repeats == 1:
+            return [
+                PhaseRun(self.experiment_name(key), key, 0, dict(params))
+                for key, params in self.experiments.items()
+            ]
+        return [
+            PhaseRun(
+                f"{self.experiment_name(key)}-s{seed}", key, seed, {**params, REPEAT_SEED_KEY: seed}
+            )
+            for key, params in self.experiments.items()
+            for seed in range(self.repeats)
+        ]
+
     def names(self) -> dict[str, str]:
-        return {self.experiment_name(key): key for key in self.experiments}
+        """DVC experiment name -> experiment key, for every run."""
+        return {run.name: run.key for run in self.runs()}
 
 
 def phase_path(phase_id: str, phases_dir: Path = PHASES_DIR) -> Path:
@@ -176,6 +206,12 @@ def load_phase(phase_id: str, phases_dir: Path = PHASES_DIR) -> PhaseSpec:
     if str(raw["id"]) != phase_id:
         raise PhaseError(f"{path}: id is {raw['id']!r} but the file name says {phase_id}")
 
+    repeats = raw.get("repeats", 1)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise PhaseError(
+            f"{path}: repeats must be a whole number >= 1 (training seeds per experiment), "
+            f"got {repeats!r}"
+        )
     keys = valid_keys()
     selects = tuple(raw["selects"] or ())
     for key in selects:
@@ -196,6 +232,11 @@ def load_phase(phase_id: str, phases_dir: Path = PHASES_DIR) -> PhaseSpec:
         for key in selects:
             if key not in params:
                 raise PhaseError(f"{where}: does not set {key!r}, which this phase selects")
+        if repeats > 1 and REPEAT_SEED_KEY in params:
+            raise PhaseError(
+                f"{where}: sets {REPEAT_SEED_KEY!r}, which `repeats: {repeats}` sets for each run "
+                f"(0 .. {repeats - 1}); drop it here or drop repeats"
+            )
         for key in params:
             if key not in selects:
                 raise PhaseError(
@@ -216,6 +257,7 @@ def load_phase(phase_id: str, phases_dir: Path = PHASES_DIR) -> PhaseSpec:
         experiments={str(k): dict(v) for k, v in experiments.items()},
         decide=_decision_rule(raw["decide"], path),
         path=path,
+        repeats=repeats,
     )
 
 

@@ -141,7 +141,7 @@ def train(
     """
     rank = distributed.this_rank()
     runtime = select_runtime(cfg.train)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.train.seed)
     print(f"[train] device {runtime.describe()}, bf16={runtime.bf16}", file=sys.stderr)
 
     model, forward, optimizer = build_model(cfg, data.aux_classes, runtime)
@@ -161,7 +161,11 @@ def train(
         print(f"[train] resumed at step {start_step} from {snapshot}", file=sys.stderr)
     stop = StopRequest(announce=rank.is_main) if snapshot is not None else None
     sampler = StepBatchSampler(
-        len(data.dataset("train")), cfg.train.batch_size, cfg.seed, start_step, cfg.train.max_steps
+        len(data.dataset("train")),
+        cfg.train.batch_size,
+        cfg.train.seed,
+        start_step,
+        cfg.train.max_steps,
     )
     loader = make_loader(
         data.dataset("train"),
@@ -189,7 +193,7 @@ def train(
         with runtime.autocast():
             out = forward(
                 images,
-                generator=step_generator(cfg.seed, step, runtime.device),
+                generator=step_generator(cfg.train.seed, step, runtime.device),
                 batch_rows=distributed.batch_rows(len(images)),
             )
         loss, terms = compute_loss(out, images, targets, cfg.loss)
