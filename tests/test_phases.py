@@ -15,6 +15,7 @@ import yaml
 from conftest import ROOT, git
 
 from aeselect.config import EvaluateConfig
+from aeselect.demo import decision_summary
 from aeselect.dvc import run_dvc
 from aeselect.phases.decide import rank
 from aeselect.phases.experiments import dvc_command, experiment_params
@@ -526,3 +527,21 @@ def test_repeats_vary_training_only_and_the_report_shows_intervals(project):
     assert decision["verdict"] in git(project, "log", "-1", "--format=%s")
     expected = "clearly better" if decision["verdict"] == "clear" else "better than the noise"
     assert expected in decision["rationale"]
+    # `make run`'s closing summary carries each decision's intervals
+    line = decision_summary(decision)
+    assert line.startswith(f"1.1 {decision['winner']} ({decision['verdict']}); mse vs best: ")
+    assert f"{loser.name} {loser['delta']:+.3g} " in line
+    assert f"[{loser['delta_low']:+.3g}, {loser['delta_high']:+.3g}] ({loser['vs_best']})" in line
+
+
+def test_decision_summary_of_a_one_run_phase_names_the_winner_and_verdict_only():
+    decision = {
+        "phase": "1.5",
+        "winner": "p1-5-final",
+        "verdict": "single",
+        "rule": {"metric": "mse"},
+        "candidates": [
+            {"experiment": "p1-5-final", "versus_best": "best", "difference_from_best": 0.0}
+        ],
+    }
+    assert decision_summary(decision) == "1.5 p1-5-final (single)"

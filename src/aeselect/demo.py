@@ -18,7 +18,7 @@ import yaml
 
 from aeselect.phases.cli import wait_for_phase
 from aeselect.phases.experiments import git, queue_phase
-from aeselect.phases.promote import promote, require_decided
+from aeselect.phases.promote import promote, read_decision, require_decided
 from aeselect.phases.report import compare, display_table
 from aeselect.phases.spec import DECISIONS_DIR, all_phases
 
@@ -54,6 +54,24 @@ def _number(value: float | None) -> str:
 
 def _verdict(met: bool) -> str:
     return "met" if met else "not met"
+
+
+def decision_summary(decision: dict) -> str:
+    """One line per decision: the winner, the verdict and every other candidate's difference from
+    the best in the primary metric with its 95% interval (or why none exists)."""
+    others = []
+    for candidate in decision["candidates"]:
+        if candidate.get("versus_best") in (None, "best"):
+            continue
+        interval = candidate.get("interval_95")
+        bounds = "no interval" if interval is None else f"[{interval[0]:+.3g}, {interval[1]:+.3g}]"
+        difference = candidate["difference_from_best"]
+        others.append(
+            f"{candidate['experiment']} {difference:+.3g} {bounds} ({candidate['versus_best']})"
+        )
+    metric = decision["rule"]["metric"]
+    against = f"; {metric} vs best: " + ", ".join(others) if others else ""
+    return f"{decision['phase']} {decision['winner']} ({decision['verdict']}){against}"
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -94,6 +112,9 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  {gate}: {values} ({check['target']}: {_verdict(check['met'])})")
     pooled = _number(final["metrics"].get("psnr_pooled"))
     print(f"  psnr_pooled: {pooled} (the val set's MSE in dB; not gated, psnr is per image)")
+    print("decisions (winner, verdict; the others' difference from the best, 95% interval):")
+    for phase_id in timings:
+        print(f"  {decision_summary(read_decision(phase_id, repo))}")
     print(f"checkpoint: {final['checkpoint']['get']}")
     print("phase wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"total: {total:.0f} s\n")
