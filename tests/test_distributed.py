@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from conftest import ROOT, TINY
 from test_resume import logged_steps
 
 from aeselect.config import apply_overrides, from_dict, read_yaml
-from aeselect.envvars import NPROC_ENV, THREADS_ENV
+from aeselect.envvars import NNODES_ENV, NPROC_ENV, THREADS_ENV
 from aeselect.model import Autoencoder
 from aeselect.training import distributed
 from aeselect.training.resume import PIDFILE_ENV, PREEMPTED_EXIT_CODE, RESUME_DIR_ENV
@@ -126,6 +127,69 @@ def test_process_count_comes_from_the_environment(monkeypatch):
         distributed.processes_per_node()
 
 
+def test_cpu_ranks_share_the_cores_out_in_disjoint_blocks():
+    cores = [0, 1, 4, 5, 6]  # an allocation need not be contiguous
+    assert [distributed.rank_cores(cores, r, 2) for r in range(2)] == [[0, 1], [4, 5]]
+    assert [distributed.rank_cores(cores, r, 5) for r in range(5)] == [[c] for c in cores]
+    assert [distributed.rank_cores([3, 7], r, 3) for r in range(3)] == [[3], [7], [3]]
+
+
+def test_several_nodes_need_a_slurm_job(monkeypatch):
+    monkeypatch.setenv(NNODES_ENV, "2")
+    monkeypatch.delenv(NPROC_ENV, raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert distributed.nodes() == 2 and distributed.must_launch()  # even with 1 rank per node
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    with pytest.raises(ValueError, match=f"{NNODES_ENV}=2 needs a SLURM job"):
+        distributed.first_host()
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs SLURM's scontrol")
+def test_other_nodes_join_a_static_rendezvous_on_the_first_host(monkeypatch, tmp_path):
+    """The launcher runs node rank 0 on the job's first host (the drainer's, so global rank 0
+    is its child); srun starts one torchrun on every other node with node ranks 1..N-1."""
+    (tmp_path / "slurm.conf").write_text("ClusterName=x\nSlurmctldHost=localhost\n")
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))  # scontrol only parses here
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-09]")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")
+    host = distributed.first_host()
+    assert host == "gpu07"
+    rendezvous = ["--nnodes=3", "--nproc-per-node=4", "--master-addr=gpu07", "--master-port=29500"]
+    assert distributed.torchrun_args(3, 4, host) == rendezvous
+    assert distributed.torchrun_args(1, 4, None) == ["--standalone", "--nproc-per-node=4"]
+    stage = ["train", "--params", "params.yaml"]
+    command = distributed.other_nodes_command(3, 4, host, stage, gpus=True)
+    assert command == [
+        "srun",
+        "--nodes=2",
+        "--ntasks=2",
+        "--ntasks-per-node=1",
+        "--exclude=gpu07",
+        "--kill-on-bad-exit=1",
+        "--cpus-per-task=32",
+        "--gres=gpu:4",
+        "bash",
+        "-c",
+        f'exec {sys.executable} -m torch.distributed.run --node-rank="$((SLURM_PROCID + 1))" "$@"',
+        "torchrun",
+        *rendezvous,
+        "-m",
+        "aeselect.stages",
+        *stage,
+    ]
+    # What each task's shell runs: torchrun's options, then the stage, with node rank 2.
+    shell = command[command.index("-c") + 1].replace(sys.executable, "echo")
+    ran = subprocess.run(
+        ["bash", "-c", shell, *command[command.index("-c") + 2 :]],
+        env={**os.environ, "SLURM_PROCID": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    expected = ["-m", "torch.distributed.run", "--node-rank=2", *rendezvous, "-m"]
+    assert ran.stdout.split()[: len(expected)] == expected
+
+
 def test_a_vae_batch_split_over_ranks_samples_the_noise_of_the_whole_batch():
     vae = {"variational": True, "base_channels": 8, "aux_hidden_channels": 8}
     cfg = from_dict({"model": vae, "loss": {"kl_weight": 0.1}})
@@ -172,6 +236,8 @@ def test_a_signal_to_any_rank_stops_all_and_the_rerun_resumes_them(data, two_pro
     launcher = train_stage(interrupted, 2, **env)
     ranks = ranks_of(launcher)
     wait_for_logged_steps(interrupted, 2)
+    cores = [os.sched_getaffinity(pid) for pid in ranks.values()]
+    assert cores[0] and cores[1] and not cores[0] & cores[1]  # pinned to disjoint shares
     os.kill(ranks[1], signal.SIGUSR1)  # not rank 0: the all-reduced flag stops rank 0 too
     output = launcher.communicate(timeout=300)[0]
     assert launcher.returncode == PREEMPTED_EXIT_CODE, output

@@ -60,6 +60,7 @@ def run_train(cfg: Config) -> None:
     from aeselect.training.loop import TRAIN_LIVE_DIR, train
 
     rank = distributed.this_rank()
+    distributed.pin_cpu_rank(rank)
     data = PreparedData.load(PREPARED_DIR)
     snapshot = resume.snapshot_dir(cfg, PREPARED_DIR)
     with distributed.process_group(rank):

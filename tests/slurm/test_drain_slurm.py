@@ -63,10 +63,11 @@ def spec_of(repo: Path) -> PhaseSpec:
 def test_shipped_profiles():
     shapes = {
         name: (p.gpus_per_node, p.parallel_jobs)
-        for name in ("v100", "l40s", "local-test")
+        for name in ("v100", "v100x2", "l40s", "local-test")
         for p in [load_profile(ROOT, name)]
     }
-    assert shapes == {"v100": (4, 4), "l40s": (2, 2), "local-test": (2, 2)}
+    assert shapes == {"v100": (4, 4), "v100x2": (4, 1), "l40s": (2, 2), "local-test": (2, 2)}
+    assert load_profile(ROOT, "v100x2").nodes == 2 and load_profile(ROOT, "v100").nodes == 1
     assert load_profile(ROOT, "local-test").partition == "debug"  # hpc/testing/start_cluster.sh
 
 
@@ -86,10 +87,34 @@ def test_dry_run_prints_the_sbatch_command_and_the_script(hpc_repo, capsys):
     ]:
         assert option in command
     assert "--account" not in command
+    assert "--nodes=1 --ntasks=1 " in command
     assert "module load cuda/12.4\nsource .venv/bin/activate\n" in script
     assert "# aeselect:setup\n" not in script
     assert command.split() == sbatch_command(repo, spec_of(hpc_repo), profile)
     assert not (hpc_repo / "hpc" / "logs").exists()  # a dry run writes nothing
+
+
+def test_a_profile_of_several_nodes_trains_one_experiment_on_all(hpc_repo, capsys):
+    """One task per node: the drainer on the first, the train stage's srun on the others."""
+    assert submit(hpc_repo, spec_of(hpc_repo), "v100x2", dry_run=True) == 0
+    command, _, script = capsys.readouterr().out.partition("\n")
+    assert "--nodes=2 --ntasks-per-node=1 --gres=gpu:4 --cpus-per-task=32" in command
+    assert "--ntasks=1" not in command and "AESELECT_JOBS=1" in command
+    assert "python -m aeselect phase drain" in script  # the same script: one drainer
+
+    write_phase(hpc_repo, "lc4: {model.latent_channels: 4}\nlc8: {model.latent_channels: 8}")
+    message = r"hpc/clusters\.yaml: v100x2\.nodes: 2 nodes train one experiment .* 2 experiments"
+    with pytest.raises(PhaseError, match=message):
+        submit(hpc_repo, spec_of(hpc_repo), "v100x2", dry_run=True)
+
+
+def test_the_drainer_spreads_only_a_one_experiment_phase_over_the_nodes(monkeypatch):
+    from aeselect.cluster.drain import Drainer
+
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    phases = ROOT / "phases"
+    assert Drainer(ROOT, load_phase("1.5", phases), jobs=1).nodes == 2
+    assert Drainer(ROOT, load_phase("1.1", phases), jobs=4).nodes == 1
 
 
 def set_profile(repo: Path, name: str, old: str, new: str) -> None:
@@ -116,6 +141,8 @@ SETUP = "setup:\n    - module load cuda/12.4\n    - source .venv/bin/activate\n"
         ("mem: 96G", "memory: 96G", r"l40s\.memory: unknown key"),
         ("  mem: 96G\n", "", r"l40s\.mem: missing"),
         (SETUP, "setup: source .venv/bin/activate\n", r"l40s\.setup: expected list"),
+        ("mem: 96G", "mem: 96G\n  nodes: 0", r"l40s\.nodes: must be >= 1"),
+        ("mem: 96G", "mem: 96G\n  nodes: two", r"l40s\.nodes: expected int, got 'two'"),
     ],
 )
 def test_profile_errors_name_the_file_and_key(hpc_repo, old, new, message):
@@ -125,7 +152,9 @@ def test_profile_errors_name_the_file_and_key(hpc_repo, old, new, message):
 
 
 def test_unknown_profile_lists_the_known_ones(hpc_repo):
-    with pytest.raises(PhaseError, match=r"no profile 'a100' \(profiles: v100, l40s, local-test\)"):
+    with pytest.raises(
+        PhaseError, match=r"no profile 'a100' \(profiles: v100, v100x2, l40s, local-test\)"
+    ):
         load_profile(hpc_repo, "a100")
 
 

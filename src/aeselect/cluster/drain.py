@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from aeselect.dvc import dvc_env, dvc_executable
-from aeselect.envvars import NPROC_ENV, THREADS_ENV
+from aeselect.envvars import NNODES_ENV, NPROC_ENV, THREADS_ENV
 from aeselect.phases.experiments import (
     DRAIN_DIR,
     canonical_params,
@@ -209,6 +209,9 @@ class Drainer:
         self.free_gpus = [d.strip() for d in visible.split(",") if d.strip()]
         self.gpus_per_experiment = len(self.free_gpus) if len(spec.names()) == 1 else 1
         self.gpus_of: dict[str, list[str]] = {}
+        # ... and, in a job of several nodes (a profile's `nodes`), the GPUs of every node.
+        nodes = os.environ.get("SLURM_NNODES", "1")
+        self.nodes = int(nodes) if len(spec.names()) == 1 and nodes.isdigit() else 1
 
     def on_signal(self, signum: int, frame: Any) -> None:
         """Stop starting experiments; ask running trainings to snapshot and exit (once)."""
@@ -236,6 +239,8 @@ class Drainer:
             gpus = self.gpus_of[claim.name] = self.free_gpus[: self.gpus_per_experiment]
             del self.free_gpus[: self.gpus_per_experiment]
             extra |= {"CUDA_VISIBLE_DEVICES": ",".join(gpus), NPROC_ENV: str(len(gpus))}
+        if self.nodes > 1:
+            extra[NNODES_ENV] = str(self.nodes)
         env = dvc_env(extra)
         args = dvc_command(claim.name, claim.overrides)
         args[args.index("--queue")] = "--temp"

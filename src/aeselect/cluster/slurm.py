@@ -1,4 +1,5 @@
-"""`aeselect phase submit`: one SLURM job per phase, draining its queued experiments on one node.
+"""`aeselect phase submit`: one SLURM job per phase, draining its queued experiments on one node
+(a profile with `nodes` > 1: one experiment, trained on every GPU of every node).
 
 The job is `hpc/drain.sbatch` with the options of a profile in `hpc/clusters.yaml`. Options go
 on sbatch's command line (an argument list, never a shell string) and the script goes to sbatch
@@ -44,7 +45,7 @@ REQUIRED = {
     "warn_seconds": int,
     "setup": list,
 }
-OPTIONAL = {"account": str, "resume_dir": str}
+OPTIONAL = {"account": str, "resume_dir": str, "nodes": int}
 MAX_SIGNAL_SECONDS = 65535  # the largest lead time --signal accepts
 
 
@@ -61,6 +62,7 @@ class Profile:
     setup: tuple[str, ...]
     account: str | None = None
     resume_dir: str | None = None
+    nodes: int = 1
 
 
 def load_profile(repo: Path, name: str) -> Profile:
@@ -97,7 +99,7 @@ def _check(p: Profile, where: str) -> None:
         value = getattr(p, key)
         if value is not None and not NAME.match(value):
             raise PhaseError(f"{where}.{key}: {value!r} is not a plain SLURM name")
-    for key in ("gpus_per_node", "parallel_jobs", "cpus_per_task"):
+    for key in ("gpus_per_node", "parallel_jobs", "cpus_per_task", "nodes"):
         if getattr(p, key) < 1:
             raise PhaseError(f"{where}.{key}: must be >= 1")
     if p.parallel_jobs > p.gpus_per_node:
@@ -126,6 +128,17 @@ def _check(p: Profile, where: str) -> None:
             raise PhaseError(f"{where}.setup[{i}]: expected one shell line, got {line!r}")
 
 
+def check_fits(spec: PhaseSpec, profile: Profile) -> None:
+    """Several nodes train one experiment together: a sweep would use the first node only."""
+    count = len(spec.names())
+    if profile.nodes > 1 and count != 1:
+        raise PhaseError(
+            f"{CLUSTERS_FILE}: {profile.name}.nodes: {profile.nodes} nodes train one experiment "
+            f"(the final training, phase 1.5) across them; phase {spec.id} has {count} "
+            "experiments: submit it with a one-node profile"
+        )
+
+
 def resume_dir(repo: Path, profile: Profile) -> Path:
     if profile.resume_dir is None:
         return repo / DEFAULT_RESUME_DIR
@@ -141,6 +154,7 @@ def batch_script(repo: Path, profile: Profile) -> str:
 
 
 def sbatch_command(repo: Path, spec: PhaseSpec, profile: Profile) -> list[str]:
+    check_fits(spec, profile)
     slug = spec.path.stem  # phase1_1: the log and job names
     resume = resume_dir(repo, profile)
     for label, value, pattern in [
@@ -163,8 +177,9 @@ def sbatch_command(repo: Path, spec: PhaseSpec, profile: Profile) -> list[str]:
         f"--job-name=aeselect-{slug}",
         f"--partition={profile.partition}",
         *([f"--account={profile.account}"] if profile.account else []),
-        "--nodes=1",
-        "--ntasks=1",
+        # One task per node: the drainer on the first, the train stage's srun on the others.
+        *(["--nodes=1", "--ntasks=1"] if profile.nodes == 1 else []),
+        *([f"--nodes={profile.nodes}", "--ntasks-per-node=1"] if profile.nodes > 1 else []),
         f"--gres=gpu:{profile.gpus_per_node}",
         f"--cpus-per-task={profile.cpus_per_task}",
         f"--mem={profile.mem}",

@@ -214,9 +214,10 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from aeselect.cluster.slurm import load_profile, submit
+    from aeselect.cluster.slurm import check_fits, load_profile, submit
 
-    load_profile(_repo(args), args.cluster)  # a bad profile must not leave the phase queued
+    # A bad profile must not leave the phase queued.
+    check_fits(_spec(args), load_profile(_repo(args), args.cluster))
     if not args.dry_run:
         if shutil.which("sbatch") is None:
             raise PhaseError(

@@ -19,14 +19,26 @@ pidfile; SLURM signals all). At each log boundary the ranks all-reduce their sto
 stop at the same step; rank 0 writes the one snapshot while the others wait at a barrier, then
 all exit 75. A failing rank ends the run through torchrun: it sees the exit within its monitor
 interval and tears the others down (SIGTERM, SIGKILL after 30 s).
+
+Several nodes (AESELECT_NNODES > 1, set by the drainer inside a multi-node SLURM job): the
+launcher runs node 0's torchrun itself, as on one node, so global rank 0 is a child of the
+drainer's `dvc exp run` on the job's first node (its pid in the pidfile, results/ in the temp
+workspace there), and starts nodes 1..N-1 with one `srun` task each. The rendezvous is torchrun's
+static one (--node-rank, --master-addr = the job's first host): c10d would order the nodes by
+host name, which may put rank 0 elsewhere. The other nodes run in the same directory, so the
+repository (with dvc's temp workspace under .dvc/tmp/exps) must be on shared storage.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import shlex
 import signal
+import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,13 +49,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
 from aeselect.config import Config, ConfigError
-from aeselect.envvars import NPROC_ENV, THREADS_ENV
+from aeselect.envvars import NNODES_ENV, NPROC_ENV, THREADS_ENV
 from aeselect.training.resume import PREEMPTED_EXIT_CODE
 
 # Longer than rank 0's validation + checkpoint, during which the other ranks wait in a collective
 # (at 512px a few thousand val images take minutes); a rank that dies is caught by torchrun's
 # monitor at once, so this bounds only a rank that hangs alive.
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+RENDEZVOUS_PORT = 29500  # torchrun's default; one training per job uses it
+# How long node 0 waits for its ranks to end by themselves after another node's failed: they see
+# the loss at their next collective, and a preempted run's nodes all exit at about the same time.
+REMOTE_FAILURE_GRACE_S = 60
 
 
 @dataclass(frozen=True)
@@ -66,39 +82,113 @@ def this_rank() -> Rank:
     return Rank(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def processes_per_node() -> int:
-    raw = os.environ.get(NPROC_ENV, "1")
+def _count(name: str, what: str) -> int:
+    raw = os.environ.get(name, "1")
     if not raw.strip().isdigit() or int(raw) < 1:
-        raise ConfigError(f"{NPROC_ENV}={raw!r}: expected a whole number of processes >= 1")
+        raise ConfigError(f"{name}={raw!r}: expected a whole number of {what} >= 1")
     return int(raw)
+
+
+def processes_per_node() -> int:
+    return _count(NPROC_ENV, "processes")
+
+
+def nodes() -> int:
+    return _count(NNODES_ENV, "nodes")
 
 
 def must_launch() -> bool:
     """True in the stage's own process when several ranks are asked for and none runs yet."""
-    return processes_per_node() > 1 and "TORCHELASTIC_RUN_ID" not in os.environ
+    several = processes_per_node() > 1 or nodes() > 1
+    return several and "TORCHELASTIC_RUN_ID" not in os.environ
+
+
+def first_host() -> str:
+    """The job's first node: where the batch script, the drainer and so rank 0 run."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise ConfigError(
+            f"{NNODES_ENV}={nodes()} needs a SLURM job (SLURM_JOB_NODELIST is unset): several "
+            f"nodes are started with srun; unset {NNODES_ENV} to train on this node"
+        )
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+    )
+    return hosts.stdout.split()[0]
+
+
+def torchrun_args(node_count: int, processes: int, host: str | None) -> list[str]:
+    """torchrun's options: standalone on one node, else a static rendezvous at `host`."""
+    if node_count == 1:
+        return ["--standalone", f"--nproc-per-node={processes}"]
+    return [
+        f"--nnodes={node_count}",
+        f"--nproc-per-node={processes}",
+        f"--master-addr={host}",
+        f"--master-port={RENDEZVOUS_PORT}",
+    ]
+
+
+def other_nodes_command(
+    node_count: int, processes: int, host: str, stage_args: list[str], gpus: bool
+) -> list[str]:
+    """srun of one torchrun per node but the first (`host`, node rank 0, run by the launcher).
+
+    SLURM_PROCID counts this step's tasks from 0, so the nodes take ranks 1..N-1."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")  # srun no longer inherits sbatch's
+    torchrun = f"exec {shlex.quote(sys.executable)} -m torch.distributed.run"
+    return [
+        "srun",
+        f"--nodes={node_count - 1}",
+        f"--ntasks={node_count - 1}",
+        "--ntasks-per-node=1",
+        f"--exclude={host}",
+        "--kill-on-bad-exit=1",
+        *([f"--cpus-per-task={cpus}"] if cpus else []),
+        *([f"--gres=gpu:{processes}"] if gpus else []),
+        "bash",
+        "-c",
+        f'{torchrun} --node-rank="$((SLURM_PROCID + 1))" "$@"',
+        "torchrun",
+        *torchrun_args(node_count, processes, host),
+        "-m",
+        "aeselect.stages",
+        *stage_args,
+    ]
+
+
+def _end_after_remote_failure(srun: subprocess.Popen, done: threading.Event) -> None:
+    """A node that failed ends this node's ranks too (SIGTERM to the launcher: torchrun passes
+    it on), unless they end within the grace time by themselves."""
+    if srun.wait() != 0 and not done.wait(REMOTE_FAILURE_GRACE_S):
+        print(
+            f"[train] the ranks on the other nodes failed (srun exit {srun.returncode}; their "
+            "output is above); ending this node's",
+            file=sys.stderr,
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def check_batch_size(batch_size: int, world_size: int) -> None:
     if batch_size % world_size:
         raise ConfigError(
             f"train.batch_size={batch_size} (the global batch) does not split evenly over "
-            f"{world_size} processes ({NPROC_ENV}); use a multiple of {world_size}"
+            f"{world_size} processes ({NPROC_ENV} x {NNODES_ENV}); use a multiple of {world_size}"
         )
 
 
 def launch(cfg: Config, stage_args: list[str]) -> int:
-    """Run `python -m aeselect.stages <stage_args>` as N ranks under torchrun, on this node.
+    """Run `python -m aeselect.stages <stage_args>` as N ranks under torchrun, on this node
+    (and with AESELECT_NNODES > 1 on the job's other nodes too, through srun).
 
     Returns the stage's exit code: 0, PREEMPTED_EXIT_CODE when the ranks stopped on a signal
     after rank 0 saved the snapshot, 1 when a rank failed (torchrun's report names it and its
     error), 128+n when this launcher itself got signal n (torchrun forwards it to the ranks).
     """
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.run import parse_args
 
-    processes = processes_per_node()
-    check_batch_size(cfg.train.batch_size, processes)
+    processes, node_count = processes_per_node(), nodes()
+    check_batch_size(cfg.train.batch_size, processes * node_count)
     # The cores of this experiment, shared between its ranks (torchrun would give each one).
     cores = int(os.environ.get(THREADS_ENV, cfg.train.num_threads) or 0)
     per_rank = str(max(1, (cores or len(os.sched_getaffinity(0))) // processes))
@@ -106,9 +196,28 @@ def launch(cfg: Config, stage_args: list[str]) -> int:
     # SIGUSR1 goes to a rank (the drainer's pidfile names rank 0), never through torchrun, which
     # would give the ranks 30 s and then kill them; it must not end this launcher either.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    args = parse_args(
-        ["--standalone", f"--nproc-per-node={processes}", "-m", "aeselect.stages", *stage_args]
-    )
+    host = first_host() if node_count > 1 else None
+    options = torchrun_args(node_count, processes, host)
+    args = parse_args([*options, "--node-rank=0", "-m", "aeselect.stages", *stage_args])
+    done = threading.Event()
+    if host is not None:
+        gpus = torch.cuda.is_available()
+        srun = subprocess.Popen(other_nodes_command(node_count, processes, host, stage_args, gpus))
+        threading.Thread(target=_end_after_remote_failure, args=(srun, done), daemon=True).start()
+    try:
+        return _run(args)
+    finally:
+        done.set()
+        if host is not None:
+            _wait_or_end(srun)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """torchrun on this node; its result as the stage's exit code (see launch)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import run
+
     try:
         run(args)
     except ChildFailedError as failed:
@@ -126,6 +235,37 @@ def launch(cfg: Config, stage_args: list[str]) -> int:
         )
         return 128 + stopped.sigval.value
     return 0
+
+
+def _wait_or_end(srun: subprocess.Popen) -> None:
+    """The other nodes end with node 0 (a barrier ends a run, an all-reduced flag a stop)."""
+    try:
+        srun.wait(REMOTE_FAILURE_GRACE_S)
+    except subprocess.TimeoutExpired:
+        srun.terminate()  # srun passes SIGTERM to its tasks
+        srun.wait()
+
+
+def rank_cores(cores: list[int], local_rank: int, local_ranks: int) -> list[int]:
+    """The CPU ranks' equal shares of this node's cores (`cores`: the allocation's), one block
+    each, so that they do not compete for a core; with fewer cores than ranks, one core each."""
+    share = len(cores) // local_ranks
+    if share == 0:
+        return [cores[local_rank % len(cores)]]
+    return cores[local_rank * share : (local_rank + 1) * share]
+
+
+def pin_cpu_rank(rank: Rank) -> None:
+    """A CPU rank keeps to its share of the node's cores (called before torch starts threads,
+    which inherit it); GPU ranks and a single process keep the whole allocation."""
+    if not rank.distributed or torch.cuda.is_available():
+        return
+    share = rank_cores(
+        sorted(os.sched_getaffinity(0)),
+        int(os.environ["LOCAL_RANK"]),
+        int(os.environ["LOCAL_WORLD_SIZE"]),
+    )
+    os.sched_setaffinity(0, share)
 
 
 @contextlib.contextmanager
