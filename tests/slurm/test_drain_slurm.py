@@ -153,7 +153,7 @@ def test_profile_errors_name_the_file_and_key(hpc_repo, old, new, message):
 
 def test_unknown_profile_lists_the_known_ones(hpc_repo):
     with pytest.raises(
-        PhaseError, match=r"no profile 'a100' \(profiles: v100, v100x2, l40s, local-test\)"
+        PhaseError, match=r"no profile .a100. \(profiles: v100, v100x2, l40s, seed, local-test\)"
     ):
         load_profile(hpc_repo, "a100")
 

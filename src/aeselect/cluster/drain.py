@@ -26,17 +26,23 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from aeselect.dvc import dvc_env, dvc_executable
+from aeselect.cluster.share import (
+    UNFINISHED,
+    Plan,
+    SharedClaims,
+    job_identity,
+    read_plan,
+)
+from aeselect.dvc import DvcError, exp_push, run_dvc, set_default_remote, start_exp_run
 from aeselect.envvars import NNODES_ENV, NPROC_ENV, THREADS_ENV
 from aeselect.phases.experiments import (
     DRAIN_DIR,
     canonical_params,
     claim_records,
-    dvc_command,
     load_phase_runs,
     parse_run_name,
     queue_states,
@@ -64,6 +70,12 @@ class Claim:
     baseline: str = ""  # HEAD when claimed; the run is `dvc exp run --temp` on HEAD
     params: dict[str, Any] = field(default_factory=dict)  # its canonical params
     claimed_at: str = ""  # local time, as `dvc exp show` stamps runs: a newer DVC record wins
+    # A run of a plan shared between jobs (aeselect.cluster.share): its plan, and in the user's
+    # clone what its shared claim says (the job and node that ran it, results on the remotes).
+    plan: str = ""
+    job: str = ""
+    node: str = ""
+    pushed: bool = False
 
     def path(self, repo: Path) -> Path:
         return repo / DRAIN_DIR / f"{self.name}.json"
@@ -131,13 +143,7 @@ def claim_queued(repo: Path, spec: PhaseSpec, claims: dict[str, Claim]) -> set[s
                 claimed_at=dt.datetime.now().isoformat(timespec="seconds"),
             )
             claims[name].save(repo)
-        subprocess.run(
-            [dvc_executable(), "queue", "remove", name],
-            cwd=repo,
-            env=dvc_env(),
-            check=True,
-            capture_output=True,
-        )
+        run_dvc(["queue", "remove", name], cwd=repo)
     return set(fresh)
 
 
@@ -209,6 +215,8 @@ class Drainer:
         self.free_gpus = [d.strip() for d in visible.split(",") if d.strip()]
         self.gpus_per_experiment = len(self.free_gpus) if len(spec.names()) == 1 else 1
         self.gpus_of: dict[str, list[str]] = {}
+        self.claims: dict[str, Claim] = {}
+        self.todo: list[Claim] = []
         # ... and, in a job of several nodes (a profile's `nodes`), the GPUs of every node.
         nodes = os.environ.get("SLURM_NNODES", "1")
         self.nodes = int(nodes) if len(spec.names()) == 1 and nodes.isdigit() else 1
@@ -241,18 +249,14 @@ class Drainer:
             extra |= {"CUDA_VISIBLE_DEVICES": ",".join(gpus), NPROC_ENV: str(len(gpus))}
         if self.nodes > 1:
             extra[NNODES_ENV] = str(self.nodes)
-        env = dvc_env(extra)
-        args = dvc_command(claim.name, claim.overrides)
-        args[args.index("--queue")] = "--temp"
         with log.open("a") as out:
-            out.write(f"[drain] job {self.job_id}: dvc {' '.join(args)}\n")
-            out.flush()
-            self.running[claim.name] = subprocess.Popen(
-                [dvc_executable(), *args],
-                cwd=self.repo,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
+            self.running[claim.name] = start_exp_run(
+                claim.name,
+                claim.overrides,
+                self.repo,
+                env=extra,
+                log=out,
+                label=f"[drain] job {self.job_id}",
                 # Ignored signals survive exec: the drainer forwards USR1 to the training alone.
                 preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN),
             )
@@ -274,33 +278,137 @@ class Drainer:
         claim.save(self.repo)
         print(f"[drain] {claim.name}: {claim.status} (exit {returncode})", file=sys.stderr)
 
-    def run(self) -> int:
-        claims = read_claims(self.repo, self.spec)
-        fresh = claim_queued(self.repo, self.spec, claims)
-        todo = [
+    def collect(self) -> None:
+        """Take the phase's fresh tasks out of DVC's queue: what this drainer runs."""
+        self.claims = read_claims(self.repo, self.spec)
+        fresh = claim_queued(self.repo, self.spec, self.claims)
+        self.todo = [
             c
-            for c in claims.values()
-            if c.status in ("claimed", "running", "interrupted") and c.name in fresh
+            for c in self.claims.values()
+            if c.status in UNFINISHED and c.name in fresh and not c.plan
         ]
-        while todo or self.running:
-            while todo and len(self.running) < self.jobs and self.stop_signal is None:
-                self.start(todo.pop(0))
+
+    def take_next(self) -> Claim | None:
+        """The next experiment to start, None when there is none left for this drainer."""
+        return self.todo.pop(0) if self.todo else None
+
+    def run(self) -> int:
+        self.collect()
+        more = True  # work is only ever taken, never given back: once none, none for good
+        while more or self.running:
+            while more and len(self.running) < self.jobs and self.stop_signal is None:
+                claim = self.take_next()
+                if claim is None:
+                    more = False
+                else:
+                    self.start(claim)
             for name, process in list(self.running.items()):
                 if process.poll() is not None:
                     del self.running[name]
-                    self.finish(claims[name], process.returncode)
+                    self.finish(self.claims[name], process.returncode)
             if self.stop_signal is not None and not self.running:
                 break
             time.sleep(POLL_SECONDS)
         if self.stop_signal is not None:
             return PREEMPTED_EXIT_CODE
-        failed = [c for c in claims.values() if c.status == "failed"]
+        return self.report()
+
+    def report(self) -> int:
+        failed = [c for c in self.claims.values() if c.status == "failed"]
         for claim in failed:
             print(f"[drain] FAILED {claim.name}: see {claim.log}", file=sys.stderr)
         return 1 if failed else 0
 
 
-def drain(repo: Path, spec: PhaseSpec, jobs: int) -> int:
+class SharedDrainer(Drainer):
+    """A job's drainer for a plan shared with other jobs (aeselect.cluster.share): it works in
+    its own clone of the plan's commit, takes experiments by claims on the Git remote (its own
+    share first, then unstarted ones of other shares) and pushes each success home at once."""
+
+    def __init__(self, repo: Path, spec: PhaseSpec, jobs: int, plan: Plan, profile: str):
+        super().__init__(repo, spec, jobs)
+        self.plan, self.profile = plan, profile
+        self.shared = SharedClaims(repo, plan)
+        self.me = job_identity(profile)
+        self.offered: set[str] = set()  # taken by this process: never offered twice
+
+    def collect(self) -> None:
+        self.claims = read_claims(self.repo, self.spec)  # a requeued job's, from its first run
+        set_default_remote(self.repo, self.plan.dvc_remote, self.plan.dvc_url)
+
+    def record(self, claim: Claim, status: str, *, pushed: bool = False) -> None:
+        log = str(self.repo / claim.log) if claim.log else ""
+        self.shared.update(claim.name, replace(self.me, status=status, pushed=pushed, log=log))
+
+    def local_claim(self, name: str) -> Claim:
+        self.offered.add(name)
+        if name not in self.claims:
+            experiment = self.plan.experiments[name]
+            self.claims[name] = Claim(
+                name,
+                experiment["overrides"],
+                baseline=self.plan.base,
+                params=experiment["params"],
+                claimed_at=dt.datetime.now().isoformat(timespec="seconds"),
+                plan=self.plan.id,
+            )
+        return self.claims[name]
+
+    def take_next(self) -> Claim | None:
+        held = self.shared.fetch()
+        order = self.plan.order_for(self.profile)
+        for name in order:  # after a requeue: this job's own interrupted experiments first
+            holder = held.get(name, ("", None))[1]
+            mine = holder is not None and holder.held_by(self.me.job, self.me.cluster)
+            if mine and holder.status in UNFINISHED and name not in self.offered:
+                print(f"[drain] {name}: resuming this job's claim", file=sys.stderr)
+                return self.local_claim(name)
+        for name in order:
+            if name not in held and self.shared.take(name, self.me):
+                theirs = next(s for s, names in self.plan.shares.items() if name in names)
+                taken = "claimed" if theirs == self.profile else f"claimed from {theirs}'s share"
+                print(f"[drain] {name}: {taken}", file=sys.stderr)
+                return self.local_claim(name)
+        return None
+
+    def start(self, claim: Claim) -> None:
+        super().start(claim)
+        self.record(claim, "running")
+
+    def finish(self, claim: Claim, returncode: int) -> None:
+        super().finish(claim, returncode)
+        if claim.status != "success":
+            self.record(claim, claim.status)
+            return
+        self.record(claim, "success", pushed=self.push(claim))
+
+    def push(self, claim: Claim) -> bool:
+        """`dvc exp push` the finished experiment to the plan's remotes; False if it failed."""
+        try:
+            exp_push(self.repo, self.plan.git_remote, [claim.name])
+        except DvcError as err:
+            print(f"[drain] {claim.name}: push failed: {err}", file=sys.stderr)
+            return False
+        claim.pushed = True
+        claim.save(self.repo)
+        print(f"[drain] {claim.name}: pushed to {self.plan.git_remote}", file=sys.stderr)
+        return True
+
+    def report(self) -> int:
+        """Failed like a lone drainer's, and a success that is not home yet fails the job too."""
+        unpushed = [c for c in self.claims.values() if c.status == "success" and not c.pushed]
+        for claim in unpushed:
+            if self.push(claim):
+                self.record(claim, "success", pushed=True)
+            else:
+                print(f"[drain] NOT PUSHED {claim.name}: `dvc exp push`", file=sys.stderr)
+        failed = super().report()
+        return 1 if failed or any(not c.pushed for c in unpushed) else 0
+
+
+def drain(
+    repo: Path, spec: PhaseSpec, jobs: int, plan_id: str | None = None, profile: str | None = None
+) -> int:
     lock = DrainerLock(repo)
     if not lock.acquire():
         print(
@@ -310,7 +418,10 @@ def drain(repo: Path, spec: PhaseSpec, jobs: int) -> int:
             file=sys.stderr,
         )
         return ANOTHER_DRAINER_EXIT_CODE
-    drainer = Drainer(repo, spec, jobs)
+    if plan_id is None:
+        drainer = Drainer(repo, spec, jobs)
+    else:
+        drainer = SharedDrainer(repo, spec, jobs, read_plan(repo, plan_id), profile or "")
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, drainer.on_signal)
     return drainer.run()

@@ -210,12 +210,30 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_drain(args: argparse.Namespace) -> int:
     from aeselect.cluster.drain import drain
 
-    return drain(_repo(args), _spec(args), args.jobs)
+    return drain(_repo(args), _spec(args), args.jobs, args.plan, args.profile)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from aeselect.cluster.slurm import check_fits, load_profile, submit
+    from aeselect.cluster.slurm import (
+        check_fits,
+        load_profile,
+        load_profiles,
+        submit,
+        submit_shared,
+    )
 
+    repo, spec = _repo(args), _spec(args)
+    if len(load_profiles(repo, args.cluster)) > 1:  # one job per profile, sharing the phase
+        return submit_shared(
+            repo,
+            spec,
+            args.cluster,
+            dry_run=args.dry_run,
+            queue=lambda: queue(args),
+            sweep=sweep_of(args, repo, spec),
+            retry_failed=not args.no_retry,
+        )
+    args.cluster = load_profiles(repo, args.cluster)[0].name
     # A bad profile must not leave the phase queued.
     check_fits(_spec(args), load_profile(_repo(args), args.cluster))
     if not args.dry_run:
@@ -272,8 +290,16 @@ def add_phase_commands(commands: argparse._SubParsersAction) -> None:
 
     drain = add("drain", cmd_drain, "inside a SLURM allocation: run the queued experiments")
     drain.add_argument("-j", "--jobs", type=int, default=1, help="parallel experiments (GPUs)")
+    drain.add_argument("--plan", help="a job's share of a plan shared between jobs (submit)")
+    drain.add_argument("--profile", help="with --plan: the profile whose share this job drains")
     submit = add("submit", cmd_submit, "queue the phase and sbatch its drainer on a cluster")
-    submit.add_argument("--cluster", required=True, help="profile name in hpc/clusters.yaml")
+    submit.add_argument(
+        "--cluster",
+        action="append",
+        required=True,
+        help="profile (or group of profiles) in hpc/clusters.yaml; repeat it to share the "
+        "phase between one job per profile",
+    )
     add_set(submit)
     add_retry(submit)
     submit.add_argument(
