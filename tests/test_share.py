@@ -3,7 +3,6 @@ one job per experiment, however many race for it; a requeued job resumes its own
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -157,7 +156,7 @@ def test_a_requeued_job_resumes_its_own_claim_and_never_another_jobs(shared, tmp
     first = drainer(job_clone(tmp_path, plan, "7"), plan, "a", monkeypatch, "7")
     taken = first.take_next()
     assert taken.name == NAMES[0] and taken.plan == plan.id
-    first.shared.update(taken.name, dataclasses.replace(first.me, status="interrupted"))
+    first.shared.update(taken.name, first.me.now(status="interrupted"))
     # Job 8 (share b) finished its share: it steals from the end of a's, not a's running one.
     thief = drainer(job_clone(tmp_path, plan, "8"), plan, "b", monkeypatch, "8")
     assert [thief.take_next().name for _ in range(3)] == [NAMES[4], NAMES[5], NAMES[3]]

@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -338,7 +338,7 @@ class SharedDrainer(Drainer):
 
     def record(self, claim: Claim, status: str, *, pushed: bool = False) -> None:
         log = str(self.repo / claim.log) if claim.log else ""
-        self.shared.update(claim.name, replace(self.me, status=status, pushed=pushed, log=log))
+        self.shared.update(claim.name, self.me.now(status=status, pushed=pushed, log=log))
 
     def local_claim(self, name: str) -> Claim:
         self.offered.add(name)
@@ -364,7 +364,7 @@ class SharedDrainer(Drainer):
                 print(f"[drain] {name}: resuming this job's claim", file=sys.stderr)
                 return self.local_claim(name)
         for name in order:
-            if name not in held and self.shared.take(name, self.me):
+            if name not in held and self.shared.take(name, self.me.now()):
                 theirs = next(s for s, names in self.plan.shares.items() if name in names)
                 taken = "claimed" if theirs == self.profile else f"claimed from {theirs}'s share"
                 print(f"[drain] {name}: {taken}", file=sys.stderr)

@@ -28,7 +28,7 @@ from aeselect.cluster.share import (
     share_out,
 )
 from aeselect.dvc import default_remote, exp_pull, remote_url
-from aeselect.phases.experiments import load_phase_runs
+from aeselect.phases.experiments import load_phase_runs, parse_run_name
 from aeselect.phases.spec import PhaseError, PhaseSpec
 
 GIT_REMOTE = "origin"
@@ -72,7 +72,11 @@ def make_plan(repo: Path, spec: PhaseSpec, weights: dict[str, int]) -> Plan:
     experiment as planned in this clone."""
     claims = read_claims(repo, spec)
     claim_queued(repo, spec, claims)
-    planned = [c for c in claims.values() if c.status == "claimed" and not c.plan]
+    order = {(run.key, run.repeat): i for i, run in enumerate(spec.runs())}
+    planned = sorted(
+        (c for c in claims.values() if c.status == "claimed" and not c.plan),
+        key=lambda c: order[parse_run_name(spec, c.name)[:2]],  # the phase file's order
+    )
     if not planned:
         raise PhaseError(f"phase {spec.id}: nothing left to run (see `aeselect phase status`)")
     experiments = {c.name: {"overrides": c.overrides, "params": c.params} for c in planned}
@@ -82,6 +86,15 @@ def make_plan(repo: Path, spec: PhaseSpec, weights: dict[str, int]) -> Plan:
         claim.plan = plan.id
         claim.save(repo)
     return plan
+
+
+def abandon_plan(repo: Path, spec: PhaseSpec, plan: Plan) -> None:
+    """No job of the plan was submitted: its experiments go back to this clone, to be planned
+    by the next submit (or drained here)."""
+    for claim in read_claims(repo, spec).values():
+        if claim.plan == plan.id:
+            claim.plan = ""
+            claim.save(repo)
 
 
 @functools.cache
@@ -197,3 +210,12 @@ def bring_home(repo: Path, spec: PhaseSpec, echo=print) -> list[str]:
         echo(f"dvc exp pull {GIT_REMOTE} {' '.join(missing)}")
         exp_pull(repo, GIT_REMOTE, missing)
     return missing
+
+
+def where_ran(repo: Path, spec: PhaseSpec) -> dict[str, str]:
+    """`job 123 on node7, pushed` per planned experiment a job has taken (for `phase status`)."""
+    return {
+        name: f"job {claim.job} on {claim.node}, " + ("pushed" if claim.pushed else "not pushed")
+        for name, claim in read_claims(repo, spec).items()
+        if claim.plan and claim.job
+    }

@@ -26,7 +26,7 @@ import json
 import os
 import socket
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,10 @@ class ClaimRecord:
     pushed: bool = False  # the result is on the remotes (`dvc exp push`)
     log: str = ""  # the experiment's log in the job's clone, on its node's storage
     at: str = field(default_factory=lambda: dt.datetime.now().isoformat(timespec="seconds"))
+
+    def now(self, **changes: Any) -> ClaimRecord:
+        """This record updated, stamped now."""
+        return replace(self, at=dt.datetime.now().isoformat(timespec="seconds"), **changes)
 
     def held_by(self, job: str, cluster: str) -> bool:
         return (self.job, self.cluster) == (job, cluster)

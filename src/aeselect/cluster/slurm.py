@@ -321,7 +321,7 @@ def submit_shared(
 
     `queue` is `phase queue` for this phase with `sweep` and `retry_failed` (its dry run with
     `dry_run`); the fresh queued experiments become the plan."""
-    from aeselect.cluster.home import make_plan, preview_plan, remotes
+    from aeselect.cluster.home import abandon_plan, make_plan, preview_plan, remotes
 
     repo = repo.resolve()
     profiles = load_profiles(repo, clusters)
@@ -363,10 +363,13 @@ def submit_shared(
         job = result.stdout.strip().split(";")[0]
         print(f"Submitted batch job {job}: phase {spec.id}, {profile.name}'s share")
         print(f"  job log: {LOG_DIR}/{slug}-{job}.out")
+    if len(failures) == len(profiles):
+        abandon_plan(repo, spec, plan)
+        raise PhaseError(f"sbatch failed for {'; '.join(failures)}; no job runs: submit again")
     if failures:
-        rest = "no job was submitted: the plan's experiments stay planned; submit again"
-        if len(failures) < len(profiles):
-            rest = "the submitted jobs take over these shares when theirs are done"
-        raise PhaseError(f"sbatch failed for {'; '.join(failures)}; {rest}")
+        raise PhaseError(
+            f"sbatch failed for {'; '.join(failures)}; the submitted jobs take over these "
+            "shares when theirs are done"
+        )
     print(f"follow: aeselect phase status {spec.id} (job, node and pushed per experiment)")
     return 0

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from aeselect.cluster.home import bring_home, follow, where_ran
 from aeselect.config import apply_overrides, from_dict, parse_assignment
 from aeselect.dvc import run_dvc, start_queue_workers
 from aeselect.envvars import THREADS_ENV
@@ -24,6 +25,10 @@ from aeselect.phases.spec import PhaseError, PhaseSpec, all_phases, load_phase
 
 POLL_SECONDS = 2.0
 STUCK_GRACE_SECONDS = 30.0
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _repo(args: argparse.Namespace) -> Path:
@@ -135,6 +140,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.phase is None:
         return cmd_show(args)
     spec = _spec(args)
+    follow(repo, spec)  # a phase shared between jobs: their claims on the Git remote
+    where = where_ran(repo, spec)
     view = load_phase_runs(repo, spec, sweep_of(args, repo, spec))
     bad = 0
     for phase_run in spec.runs():
@@ -155,6 +162,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 line += f"  log: {log.relative_to(repo) if log else '(none)'}"
             if run is current and run.status == "Stuck":
                 line += "  (its worker is gone: `dvc queue kill`/`remove` it and queue again)"
+            if run.name in where:
+                line += f"  {where[run.name]}"
             print(line)
     return 1 if bad else 0
 
@@ -164,6 +173,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from aeselect.phases.report import compare, display_table
 
     repo, spec = _repo(args), _spec(args)
+    bring_home(repo, spec, echo=_note)
     result = compare(repo, spec, sweep_of(args, repo, spec))
     ranking = result.ranking
     table = ranking.table if ranking else result.phase.experiments
@@ -181,6 +191,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from aeselect.phases.promote import promote
 
     repo, spec = _repo(args), _spec(args)
+    bring_home(repo, spec, echo=_note)
     decision = promote(repo, spec, sweep_of(args, repo, spec), pick=args.pick, why=args.why)
     print(f"{decision['commit']} {decision['commit_message']}\nwhy: {decision['rationale']}")
     return 0
