@@ -656,3 +656,23 @@ def test_two_profiles_share_a_phase_and_the_results_come_home(slurm_cluster, tmp
     (tmp_path / "timeline.txt").write_text("\n".join(timeline) + "\n")
     with capsys.disabled():
         print("\n" + "\n".join(timeline))
+
+
+@pytest.mark.slurm
+def test_a_claim_of_a_job_slurm_no_longer_runs_is_recognised(slurm_cluster, monkeypatch):
+    from aeselect.cluster.home import job_ended, this_cluster
+    from aeselect.cluster.share import ClaimRecord
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.slurm_conf))
+    monkeypatch.setenv("PATH", f"{os.environ['PATH']}{os.pathsep}/usr/sbin")
+    this_cluster.cache_clear()
+    job = slurm_cluster.submit("#!/bin/bash\nsleep 60\n", "--partition=second")
+    slurm_cluster.wait_state(job, "RUNNING")
+    claim = ClaimRecord(str(job), this_cluster(), "site-b", "node", "running")
+    assert this_cluster() == "aeselect" and not job_ended(claim)
+    assert not job_ended(ClaimRecord(str(job), "elsewhere", "x", "node", "running"))  # can't tell
+    slurm_cluster.cancel(job)
+    slurm_cluster.wait(job, timeout=30)
+    assert job_ended(claim)
+    assert job_ended(ClaimRecord("999999", this_cluster(), "site-b", "node", "running"))
+    this_cluster.cache_clear()

@@ -413,8 +413,8 @@ def drain(
     if not lock.acquire():
         print(
             f"aeselect phase drain: another drainer ({lock.holder()}) is draining {repo}; one "
-            "drainer per repository clone (for several nodes, give each its own clone; see the "
-            "README, 'Run on a SLURM cluster')",
+            "drainer per repository clone (to share a phase between nodes: `aeselect phase "
+            "submit <phase> --cluster A --cluster B`, each job in its own clone)",
             file=sys.stderr,
         )
         return ANOTHER_DRAINER_EXIT_CODE

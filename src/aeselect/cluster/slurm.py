@@ -1,5 +1,7 @@
 """`aeselect phase submit`: one SLURM job per phase, draining its queued experiments on one node
-(a profile with `nodes` > 1: one experiment, trained on every GPU of every node).
+(a profile with `nodes` > 1: one experiment, trained on every GPU of every node); with several
+profiles (`--cluster A --cluster B`, or a group), one job per profile sharing the phase
+(aeselect.cluster.share).
 
 The job is `hpc/drain.sbatch` with the options of a profile in `hpc/clusters.yaml`. Options go
 on sbatch's command line (an argument list, never a shell string) and the script goes to sbatch
