@@ -185,3 +185,16 @@ def test_the_users_clone_sees_who_holds_what_and_a_dead_jobs_claim_as_failed(
     assert claims[NAMES[1]].status == "failed"  # reported; the next submit runs it again
     assert "job 6 ended without finishing it" in claims[NAMES[1]].log
     assert (claims[NAMES[2]].status, claims[NAMES[2]].job) == ("claimed", "")  # unstarted
+
+
+def test_a_success_that_never_reached_the_remotes_is_named_not_ranked(shared, tmp_path):
+    user, plan = shared
+    spec = load_phase("1.1", user / "phases")
+    subprocess.run(["dvc", "init", "-q"], cwd=user, check=True)
+    subprocess.run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "store")], cwd=user)
+    Claim(NAMES[3], {}, plan=plan.id).save(user)
+    job = SharedClaims(job_clone(tmp_path, plan, "5"), plan)
+    job.take(NAMES[3], record("5", "success"))  # its `dvc exp push` failed: pushed stays False
+    with pytest.raises(PhaseError, match=rf"`dvc exp push origin {NAMES[3]}` in the job's clone"):
+        home.bring_home(user, spec)
+    assert read_claims(user, spec)[NAMES[3]].job == "5"

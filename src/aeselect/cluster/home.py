@@ -27,7 +27,7 @@ from aeselect.cluster.share import (
     publish_plan,
     share_out,
 )
-from aeselect.dvc import default_remote, exp_pull, remote_url
+from aeselect.dvc import DvcError, default_remote, exp_pull, remote_url
 from aeselect.phases.experiments import load_phase_runs, parse_run_name
 from aeselect.phases.spec import PhaseError, PhaseSpec
 
@@ -190,25 +190,39 @@ def local_experiments(repo: Path) -> set[str]:
 
 def bring_home(repo: Path, spec: PhaseSpec, echo=print) -> list[str]:
     """`dvc exp pull` the phase's planned experiments that finished elsewhere and are not here
-    yet; returns their names. They count only if they pass the phase's baseline check, as any."""
+    yet; returns their names. They count only if they pass the phase's baseline check, as any.
+
+    A success that never reached the remotes is an error naming the push to run: without its
+    results it must not be ranked, and running it again would run it twice."""
     plans = follow(repo, spec)
     if not plans:
         return []
     remotes(repo)  # a clear error if the remotes went missing since the submit
     claims: dict[str, Claim] = read_claims(repo, spec)
     here = local_experiments(repo)
-    missing = sorted(
-        name
+    done = [
+        claims[name]
         for plan in plans
         for name in plan.experiments
-        if name in claims
-        and claims[name].status == "success"
-        and claims[name].pushed
-        and name not in here
-    )
+        if name in claims and claims[name].status == "success" and name not in here
+    ]
+    stranded = [c for c in done if not c.pushed]
+    if stranded:
+        raise PhaseError(
+            "succeeded but not on the remotes (`dvc exp push` failed in the job): "
+            + "; ".join(
+                f"{c.name} (job {c.job} on {c.node}): `dvc exp push {GIT_REMOTE} {c.name}` in "
+                f"the job's clone, see {c.log}"
+                for c in stranded
+            )
+        )
+    missing = sorted(c.name for c in done)
     if missing:
         echo(f"dvc exp pull {GIT_REMOTE} {' '.join(missing)}")
-        exp_pull(repo, GIT_REMOTE, missing)
+        try:
+            exp_pull(repo, GIT_REMOTE, missing)
+        except DvcError as err:
+            raise PhaseError(f"pulling the phase's experiments failed: {err}") from None
     return missing
 
 
