@@ -160,12 +160,21 @@ def test_a_requeued_job_resumes_its_own_claim_and_never_another_jobs(shared, tmp
     # Job 8 (share b) finished its share: it steals from the end of a's, not a's running one.
     thief = drainer(job_clone(tmp_path, plan, "8"), plan, "b", monkeypatch, "8")
     assert [thief.take_next().name for _ in range(3)] == [NAMES[4], NAMES[5], NAMES[3]]
+    # Job 8 was stopped after NAMES[4] succeeded, before its claim said so.
+    thief.local_claim(NAMES[4]).status, thief.claims[NAMES[4]].returncode = "success", 0
+    thief.shared.update(NAMES[4], thief.me.now(status="running"))
     # Job 7, requeued (same id, same clone): its interrupted claim first, then its share.
     again = drainer(first.repo, plan, "a", monkeypatch, "7")
     assert again.take_next().name == NAMES[0]
     assert again.take_next().name == NAMES[1]
     holders = {name: r.job for name, (_, r) in again.shared.fetch().items()}
     assert holders == {NAMES[0]: "7", NAMES[1]: "7", NAMES[3]: "8", NAMES[4]: "8", NAMES[5]: "8"}
+    # Job 8 requeued: it tells the claim how NAMES[4] ended instead of running it again (its
+    # push fails here: this repository has no DVC; the job would end 1, `not pushed`).
+    thief_again = drainer(thief.repo, plan, "b", monkeypatch, "8")
+    thief_again.claims = thief.claims
+    assert thief_again.take_next().name == NAMES[5]  # then its claimed ones, as they come
+    assert thief_again.shared.fetch()[NAMES[4]][1].status == "success"
 
 
 def test_the_users_clone_sees_who_holds_what_and_a_dead_jobs_claim_as_failed(

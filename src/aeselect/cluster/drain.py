@@ -360,9 +360,16 @@ class SharedDrainer(Drainer):
         for name in order:  # after a requeue: this job's own interrupted experiments first
             holder = held.get(name, ("", None))[1]
             mine = holder is not None and holder.held_by(self.me.job, self.me.cluster)
-            if mine and holder.status in UNFINISHED and name not in self.offered:
-                print(f"[drain] {name}: resuming this job's claim", file=sys.stderr)
-                return self.local_claim(name)
+            if not mine or holder.status not in UNFINISHED or name in self.offered:
+                continue
+            ended = self.claims.get(name)
+            if ended is not None and ended.status in ("success", "failed"):
+                # It ended before the job was stopped, the shared claim not told yet: tell it.
+                self.offered.add(name)
+                self.finish(ended, ended.returncode or 0)
+                continue
+            print(f"[drain] {name}: resuming this job's claim", file=sys.stderr)
+            return self.local_claim(name)
         for name in order:
             if name not in held and self.shared.take(name, self.me.now()):
                 theirs = next(s for s, names in self.plan.shares.items() if name in names)
