@@ -3,7 +3,9 @@ one job per experiment, however many race for it; a requeued job resumes its own
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -207,3 +209,57 @@ def test_a_success_that_never_reached_the_remotes_is_named_not_ranked(shared, tm
     with pytest.raises(PhaseError, match=rf"`dvc exp push origin {NAMES[3]}` in the job's clone"):
         home.bring_home(user, spec)
     assert read_claims(user, spec)[NAMES[3]].job == "5"
+
+
+@pytest.mark.slow
+def test_a_pulled_experiment_counts_only_while_it_passes_the_baseline_check(tmp_path):
+    """A job's drainer (no SLURM: its clone and claims as a job has them) runs the plan and
+    pushes; the user's clone pulls it, and judges it like a local run: stale once src changes."""
+    from conftest import TINY, make_project
+
+    from aeselect.phases.experiments import collect_results, recorded_sweep
+
+    user = make_project(tmp_path / "user", TINY)
+    for path in (user / "phases").glob("phase*.yaml"):
+        path.unlink()
+    (user / "phases" / "phase1_1.yaml").write_text(PHASE.split("  e1:")[0])  # e0 alone
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(tmp_path / "remote.git")])
+    git(user, "remote", "add", "origin", str(tmp_path / "remote.git"))
+    subprocess.run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "store")], cwd=user)
+    git(user, "add", "-A")
+    git(user, "commit", "-q", "-m", "phase and remotes")
+    git(user, "push", "-q", "origin", "main")
+    queued = subprocess.run(
+        [sys.executable, "-m", "aeselect", "phase", "queue", "1.1", "--repo", str(user)],
+        capture_output=True,
+        text=True,
+    )
+    assert queued.returncode == 0, queued.stderr
+    spec = load_phase("1.1", user / "phases")
+    plan = home.make_plan(user, spec, {"a": 1})
+    assert plan.shares == {"a": [NAMES[0]]}
+
+    clone = job_clone(tmp_path, plan, "11")
+    command = [sys.executable, "-m", "aeselect", "phase", "drain", "1.1", "--repo", str(clone)]
+    drain = subprocess.run(
+        [*command, "--plan", plan.id, "--profile", "a"],
+        env=os.environ | {"SLURM_JOB_ID": "11", "PYTHONPATH": str(clone / "src")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert drain.returncode == 0, drain.stderr
+    assert f"[drain] {NAMES[0]}: pushed to origin" in drain.stderr
+
+    def state() -> str:
+        frame = collect_results(user, spec, recorded_sweep(user, spec))
+        return frame.set_index("experiment").loc[NAMES[0], "state"]
+
+    assert home.where_ran(user, spec) == {}  # not followed yet
+    assert home.bring_home(user, spec, echo=lambda _: None) == [NAMES[0]]
+    assert home.where_ran(user, spec)[NAMES[0]].startswith("job 11 on ")
+    assert state() == "Success"
+    (user / "src" / "aeselect" / "__init__.py").write_text('"""changed code"""\n')
+    git(user, "commit", "-q", "-am", "code change")
+    assert home.bring_home(user, spec) == []  # already here
+    assert state() == "Stale"
