@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from aeselect.phases.cli import wait_for_phase
 from aeselect.phases.experiments import git, queue_phase
 from aeselect.phases.promote import promote, read_decision, require_decided
 from aeselect.phases.report import compare, display_table
+from aeselect.phases.run import wait_for_phase
 from aeselect.phases.spec import DECISIONS_DIR, all_phases
 
 SCRATCH = Path("build/phase1-demo")

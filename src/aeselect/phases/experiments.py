@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from aeselect.config import PARAMS_FILE, ConfigError, apply_overrides, flatten, from_dict
-from aeselect.dvc import DvcError, run_dvc
+from aeselect.dvc import DvcError, queue_status, run_dvc
 from aeselect.phases.spec import PhaseError, PhaseRun, PhaseSpec
 
 RUN_DIR = Path(".dvc/tmp/exps/run")
@@ -93,13 +93,8 @@ def experiment_params(spec: PhaseSpec, run: PhaseRun, extra: dict[str, Any]) -> 
 
 def queue_states(repo: Path) -> dict[str, TaskState]:
     """Name -> state of the tasks in DVC's queue, Running tasks whose process is gone as Stuck."""
-    out = run_dvc(["queue", "status"], cwd=repo).stdout
     states: dict[str, TaskState] = {}
-    for line in out.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) < 3 or line.startswith("Worker status"):
-            continue
-        task, name, status = fields[0], fields[1], fields[-1]
+    for task, name, status in queue_status(repo).tasks:
         if status == "Running" and not _task_alive(repo, task):
             status = "Stuck"
         states.setdefault(name, TaskState(name, task, status))
