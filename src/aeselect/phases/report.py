@@ -238,40 +238,12 @@ def noise_note(spec: PhaseSpec, phase: PhaseResults, ranking: Ranking) -> list[s
 def render_markdown(
     repo: Path, spec: PhaseSpec, phase: PhaseResults, ranking: Ranking | None
 ) -> str:
-    results = phase.experiments
-    table = ranking.table if ranking else results
-    shown = display_table(spec, table)
-    decision = read_decision(spec.id, repo)
-    names = " ".join(phase.runs.loc[phase.runs["state"] == "Success", "experiment"])
-    lines = [
-        f"# Phase {spec.id}: {spec.title}",
-        "",
-        f"Selects: {', '.join(f'`{k}`' for k in spec.selects) or 'nothing (final training)'}. "
-        f"Rule: {spec.decide.primary.describe()}, ties within the noise or "
-        f"{spec.decide.tolerance:.0%}"
-        + (
-            f", then {', '.join(c.describe() for c in spec.decide.tie_breakers)}"
-            if spec.decide.tie_breakers
-            else ""
-        )
-        + ".",
-        "",
-        "## Ranking",
-        "",
-        shown.to_markdown(index=False, floatfmt=".4g") if len(shown) else "(no experiments yet)",
-        "",
-    ]
+    """report.md: the rule, the ranking, the verdict, the decision if one was made, the figures."""
+    table = ranking.table if ranking else phase.experiments
+    lines = _ranking_section(spec, display_table(spec, table))
     if ranking:
-        lines += [
-            f"## Verdict: {ranking.verdict}",
-            "",
-            f"{ranking.winner}: {VERDICTS[ranking.verdict]}.",
-            "",
-            ranking.reason + ".",
-            "",
-            *noise_note(spec, phase, ranking),
-            "",
-        ]
+        lines += _verdict_section(spec, phase, ranking)
+    decision = read_decision(spec.id, repo)
     if decision:
         lines += [
             "## Decision",
@@ -282,7 +254,45 @@ def render_markdown(
             "",
         ]
     order = ", ".join(table["experiment"]) if ranking else ""
-    lines += [
+    succeeded = phase.runs.loc[phase.runs["state"] == "Success", "experiment"]
+    lines += _figures_section(spec, order, " ".join(succeeded))
+    return "\n".join(lines)
+
+
+def _ranking_section(spec: PhaseSpec, shown: pd.DataFrame) -> list[str]:
+    rule = spec.decide
+    breakers = ", ".join(c.describe() for c in rule.tie_breakers)
+    return [
+        f"# Phase {spec.id}: {spec.title}",
+        "",
+        f"Selects: {', '.join(f'`{k}`' for k in spec.selects) or 'nothing (final training)'}. "
+        f"Rule: {rule.primary.describe()}, ties within the noise or {rule.tolerance:.0%}"
+        + (f", then {breakers}" if rule.tie_breakers else "")
+        + ".",
+        "",
+        "## Ranking",
+        "",
+        shown.to_markdown(index=False, floatfmt=".4g") if len(shown) else "(no experiments yet)",
+        "",
+    ]
+
+
+def _verdict_section(spec: PhaseSpec, phase: PhaseResults, ranking: Ranking) -> list[str]:
+    return [
+        f"## Verdict: {ranking.verdict}",
+        "",
+        f"{ranking.winner}: {VERDICTS[ranking.verdict]}.",
+        "",
+        ranking.reason + ".",
+        "",
+        *noise_note(spec, phase, ranking),
+        "",
+    ]
+
+
+def _figures_section(spec: PhaseSpec, order: str, succeeded: str) -> list[str]:
+    """The reconstructions, the zoom, the charts, and how to see them interactively."""
+    return [
         "## Reconstructions",
         "",
         f"Same val images: the originals, then one column per experiment ({order}).",
@@ -303,7 +313,6 @@ def render_markdown(
         "Charts are DVC plot templates rendered offline (`*.vl.json` are their Vega-Lite specs).",
         "Interactive (needs network for Vega):",
         "",
-        f"    dvc plots diff {names} -o {REPORTS_DIR}/{spec.id}/plots",
+        f"    dvc plots diff {succeeded} -o {REPORTS_DIR}/{spec.id}/plots",
         "",
     ]
-    return "\n".join(lines)
