@@ -1,4 +1,5 @@
-"""DVC, driven through its command line: the one place that spawns `dvc` processes.
+"""DVC, driven through its command line: the one place that spawns `dvc` processes, and that
+reads what an experiment recorded (`dvc.api`).
 
 The CLI (not `dvc.repo.Repo`) is the interface users type and DVC keeps stable; every call runs
 with analytics off and returns its output or raises with DVC's own message.
@@ -86,6 +87,22 @@ def queue_status(cwd: Path | str) -> QueueStatus:
         if len(fields) >= 3 and not line.startswith("Worker status"):
             tasks.append(QueuedTask(fields[0], fields[1], fields[-1]))
     return QueueStatus(tasks, int(workers.group(1)))
+
+
+def read_output(repo: Path, path: str, rev: str) -> bytes:
+    """A pipeline output as an experiment recorded it (DVC cache at its rev, not the workspace)."""
+    import dvc.api
+
+    with dvc.api.open(path, repo=str(repo), rev=rev, mode="rb") as handle:
+        return handle.read()
+
+
+def read_output_dir(repo: Path, directory: str, rev: str) -> dict[str, bytes]:
+    """Every file under a pipeline output directory at `rev`, by path."""
+    import dvc.api
+
+    fs = dvc.api.DVCFileSystem(str(repo), rev=rev)
+    return {path: fs.read_bytes(path) for path in fs.find(directory)}
 
 
 def start_queue_workers(jobs: int, cwd: Path | str, env: dict[str, str] | None = None) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
+from aeselect.dvc import read_output, read_output_dir
 from aeselect.phases.decide import VERDICTS, Ranking, column, describe_difference, rank
 from aeselect.phases.noise import (
     BOOTSTRAP_SEED,
@@ -18,7 +19,6 @@ from aeselect.phases.noise import (
     RESAMPLES,
     PhaseResults,
     gather,
-    read_output,
     seed_spread_column,
 )
 from aeselect.phases.promote import HEADLINE, read_decision
@@ -39,13 +39,10 @@ class Comparison:
 
 def val_curves(repo: Path, done: pd.DataFrame) -> pd.DataFrame:
     """Per-evaluation val metrics of every experiment (dvclive's TSVs read at each exp's rev)."""
-    import dvc.api
-
     frames = []
     for _, row in done.iterrows():
-        fs = dvc.api.DVCFileSystem(str(repo), rev=row["rev"])
-        for tsv in fs.find(VAL_CURVES_DIR):
-            frame = pd.read_csv(io.BytesIO(fs.read_bytes(tsv)), sep="\t")
+        for tsv in read_output_dir(repo, VAL_CURVES_DIR, row["rev"]).values():
+            frame = pd.read_csv(io.BytesIO(tsv), sep="\t")
             metric = frame.columns[-1]
             frames.append(
                 frame.rename(columns={metric: "value"}).assign(
