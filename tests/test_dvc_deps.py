@@ -28,7 +28,7 @@ from aeselect import config
 SRC = ROOT / "src"
 PACKAGE = "aeselect"
 # Never part of a stage: the interactive commands (parsers, phase sweeps, the demo).
-NOT_STAGE_CODE = ("aeselect.cli", "aeselect.demo", "aeselect.phases")
+NOT_STAGE_CODE = ("aeselect.cli", "aeselect.phase_cli", "aeselect.demo", "aeselect.phases")
 
 
 def dvc_stages() -> dict[str, dict]:

@@ -17,12 +17,15 @@ from conftest import TINY, git, make_project
 from PIL import Image
 from test_phases import CHAIN_1_2, REPEATED, VALID, aeselect, write_phase
 
+from aeselect.dvc import QueueStatus, queue_status, run_dvc
 from aeselect.phases.experiments import (
     DRAIN_DIR,
     Baseline,
     PhaseRuns,
     Run,
+    TaskState,
     parse_run_name,
+    queue_states,
     run_name,
 )
 from aeselect.phases.spec import load_phase
@@ -115,6 +118,19 @@ def tiny_phases(project: Path, *bodies: tuple[str, str]) -> None:
 
 def decision(project: Path, phase_id: str) -> dict:
     return yaml.safe_load((project / "phases" / "decisions" / f"{phase_id}.yaml").read_text())
+
+
+@pytest.mark.slow
+def test_queue_status_is_read_from_dvc_itself(project):
+    """The one parser of `dvc queue status` (it has no JSON) on DVC's real output."""
+    assert queue_status(project) == QueueStatus([], 0)
+    run_dvc(["exp", "run", "--queue", "-n", "p1-1-lc2", "-S", "model.latent_channels=2"], project)
+    status = queue_status(project)
+    (task,) = status.tasks
+    assert (task.name, task.status) == ("p1-1-lc2", "Queued")
+    assert re.fullmatch("[0-9a-f]{7}", task.task)
+    assert status.active_workers == 0  # no worker started: the task waits
+    assert queue_states(project) == {"p1-1-lc2": TaskState("p1-1-lc2", task.task, "Queued")}
 
 
 @pytest.mark.slow

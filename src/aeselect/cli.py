@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
 
-    from aeselect.phases.cli import add_phase_commands
+    from aeselect.phase_cli import add_phase_commands
 
     add_phase_commands(commands)
     return parser

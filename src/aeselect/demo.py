@@ -16,11 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from aeselect.phases.cli import wait_for_phase
 from aeselect.phases.experiments import git, queue_phase
 from aeselect.phases.promote import promote, read_decision, require_decided
 from aeselect.phases.report import compare, display_table
-from aeselect.phases.spec import DECISIONS_DIR, all_phases
+from aeselect.phases.run import wait_for_phase
+from aeselect.phases.spec import DECISIONS_DIR, PhaseSpec, all_phases
 
 SCRATCH = Path("build/phase1-demo")
 # Chosen by measurement (README, "The demo's numbers"): every sweep model past the structure
@@ -83,25 +83,36 @@ def run_demo(args: argparse.Namespace) -> int:
     repo = make_scratch_clone(source, source / args.scratch)
     print(f"Phase 1 demo in {repo} (a clone of {source})\n")
     started = time.monotonic()
-    timings: dict[str, float] = {}
-    for spec in all_phases(repo / "phases"):
-        phase_start = time.monotonic()
-        print(f"== phase {spec.id}: {spec.title} ==")
-        require_decided(spec, repo)
-        sets_steps = any("train.max_steps" in p for p in spec.experiments.values())
-        extra = {} if sets_steps else sweep_schedule(args.sweep_steps)
-        wait_for_phase(repo, queue_phase(repo, spec, extra), args.jobs)
-        comparison = compare(repo, spec, extra)
-        table = comparison.ranking.table
-        print(display_table(spec, table).to_string(index=False))
-        decision = promote(repo, spec, extra)
-        timings[spec.id] = time.monotonic() - phase_start
-        print(f"-> {decision['commit_message']}  [{timings[spec.id]:.0f} s]")
-        print(f"   why: {decision['rationale']}")
-        print(f"   report: {comparison.report_dir.relative_to(repo)}/report.md\n")
+    timings = {
+        spec.id: run_phase(repo, spec, args.jobs, args.sweep_steps)
+        for spec in all_phases(repo / "phases")
+    }
+    print_result(repo, timings, time.monotonic() - started)
+    return 0
 
+
+def run_phase(repo: Path, spec: PhaseSpec, jobs: int, sweep_steps: int) -> float:
+    """Queue, drain, compare and promote one phase as a user would; returns its wall time."""
+    phase_start = time.monotonic()
+    print(f"== phase {spec.id}: {spec.title} ==")
+    require_decided(spec, repo)
+    sets_steps = any("train.max_steps" in p for p in spec.experiments.values())
+    extra = {} if sets_steps else sweep_schedule(sweep_steps)
+    wait_for_phase(repo, queue_phase(repo, spec, extra), jobs)
+    comparison = compare(repo, spec, extra)
+    table = comparison.ranking.table
+    print(display_table(spec, table).to_string(index=False))
+    decision = promote(repo, spec, extra)
+    elapsed = time.monotonic() - phase_start
+    print(f"-> {decision['commit_message']}  [{elapsed:.0f} s]")
+    print(f"   why: {decision['rationale']}")
+    print(f"   report: {comparison.report_dir.relative_to(repo)}/report.md\n")
+    return elapsed
+
+
+def print_result(repo: Path, timings: dict[str, float], total: float) -> None:
+    """Phase 1's result from final.yaml: latent shape, success criteria, decisions, timings."""
     final = yaml.safe_load((repo / DECISIONS_DIR / "final.yaml").read_text())
-    total = time.monotonic() - started
     print("== Phase 1 result (phases/decisions/final.yaml) ==")
     print(f"latent shape HxWxC at 512px: {final['latent_shape_hwc_at_512']}")
     size, shape = final["trained_image_size"], final["latent_shape_hwc_trained"]
@@ -119,7 +130,6 @@ def run_demo(args: argparse.Namespace) -> int:
     print("phase wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"total: {total:.0f} s\n")
     print(git(repo, "log", "--oneline", "-n", str(len(timings) + 1)))
-    return 0
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:

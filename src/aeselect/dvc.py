@@ -1,4 +1,5 @@
-"""DVC, driven through its command line: the one place that spawns `dvc` processes.
+"""DVC, driven through its command line: the one place that spawns `dvc` processes, and that
+reads what an experiment recorded (`dvc.api`).
 
 The CLI (not `dvc.repo.Repo`) is the interface users type and DVC keeps stable; every call runs
 with analytics off and returns its output or raises with DVC's own message.
@@ -8,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 
 class DvcError(RuntimeError):
@@ -57,6 +59,51 @@ def run_dvc(
             f"`dvc {' '.join(args)}` failed (exit {result.returncode}) in {cwd}:\n{output}"
         )
     return result
+
+
+class QueuedTask(NamedTuple):
+    task: str  # DVC's short task id
+    name: str  # the experiment name
+    status: str  # Queued | Running | Success | Failed
+
+
+class QueueStatus(NamedTuple):
+    tasks: list[QueuedTask]  # as DVC lists them, oldest first
+    active_workers: int
+
+
+WORKER_STATUS = re.compile(r"^Worker status: (\d+) active", re.MULTILINE)
+
+
+def queue_status(cwd: Path | str) -> QueueStatus:
+    """`dvc queue status`, parsed: it prints a table (task, name, created, status) and a worker
+    line, and has no JSON output."""
+    out = run_dvc(["queue", "status"], cwd=cwd).stdout
+    workers = WORKER_STATUS.search(out)
+    if workers is None:
+        raise DvcError(f"`dvc queue status` printed no worker line in {cwd}:\n{out.strip()}")
+    tasks = []
+    for line in out.splitlines()[1:]:  # the first line is the header (or "No experiment tasks")
+        fields = line.split()
+        if len(fields) >= 3 and not line.startswith("Worker status"):
+            tasks.append(QueuedTask(fields[0], fields[1], fields[-1]))
+    return QueueStatus(tasks, int(workers.group(1)))
+
+
+def read_output(repo: Path, path: str, rev: str) -> bytes:
+    """A pipeline output as an experiment recorded it (DVC cache at its rev, not the workspace)."""
+    import dvc.api
+
+    with dvc.api.open(path, repo=str(repo), rev=rev, mode="rb") as handle:
+        return handle.read()
+
+
+def read_output_dir(repo: Path, directory: str, rev: str) -> dict[str, bytes]:
+    """Every file under a pipeline output directory at `rev`, by path."""
+    import dvc.api
+
+    fs = dvc.api.DVCFileSystem(str(repo), rev=rev)
+    return {path: fs.read_bytes(path) for path in fs.find(directory)}
 
 
 def start_queue_workers(jobs: int, cwd: Path | str, env: dict[str, str] | None = None) -> None:

@@ -4,6 +4,7 @@ tied, and ties are broken by secondary criteria."""
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -82,25 +83,45 @@ def rank(
     done["delta"], done["delta_low"], done["delta_high"] = values - best, math.nan, math.nan
     noise = pd.Series(False, index=done.index)
     if per_image is not None:
-        for index, name in done["experiment"].items():
-            if index == best_index:  # zero by definition (resampling its seeds twice would blur it)
-                done.loc[index, ["delta_low", "delta_high"]] = 0.0
-                continue
-            difference = paired_bootstrap(per_image[best_name], per_image[name])
-            done.loc[index, ["delta", "delta_low", "delta_high"]] = (
-                difference.value,
-                difference.low,
-                difference.high,
-            )
-            noise[index] = difference.includes_zero
+        noise = _bootstrap_differences(done, best_index, per_image)
     done["tied"] = within_tolerance | noise
     vs_best = pd.Series("worse", index=done.index)
     vs_best = vs_best.mask(within_tolerance, "tolerance").mask(noise, "noise")
     vs_best[best_index] = "best"
     done["vs_best"] = vs_best
+    table = _ordered(done, rule)
+    verdict = "single" if len(table) == 1 else "clear" if table["tied"].sum() == 1 else "tie-break"
+    reason = _reason(table, rule, verdict, best_name, "" if per_image is not None else no_interval)
+    return Ranking(table, str(table.loc[0, "experiment"]), reason, verdict, best_name)
+
+
+def _bootstrap_differences(
+    done: pd.DataFrame, best_index: Hashable, per_image: pd.DataFrame
+) -> pd.Series:
+    """Fill each candidate's `delta` and its interval from the paired bootstrap against the best;
+    returns which candidates are tied with it by the noise (their interval contains 0)."""
+    best_name = done.loc[best_index, "experiment"]
+    noise = pd.Series(False, index=done.index)
+    for index, name in done["experiment"].items():
+        if index == best_index:  # zero by definition (resampling its seeds twice would blur it)
+            done.loc[index, ["delta_low", "delta_high"]] = 0.0
+            continue
+        difference = paired_bootstrap(per_image[best_name], per_image[name])
+        done.loc[index, ["delta", "delta_low", "delta_high"]] = (
+            difference.value,
+            difference.low,
+            difference.high,
+        )
+        noise[index] = difference.includes_zero
+    return noise
+
+
+def _ordered(done: pd.DataFrame, rule: DecisionRule) -> pd.DataFrame:
+    """Tied rows first, by the tie-breakers; the rest after them by the primary metric; with
+    `rank` from 1."""
+    primary = column(rule.primary)
 
     def order_key(row: pd.Series) -> tuple:
-        """Tied rows first, by the tie-breakers; the rest after them by the primary metric."""
         by_primary = _sort_value(row[primary], rule.primary.direction)
         if not row["tied"]:
             return (1, by_primary)
@@ -110,9 +131,7 @@ def rank(
     order = sorted(range(len(done)), key=lambda i: order_key(done.iloc[i]))
     table = done.iloc[order].reset_index(drop=True)
     table.insert(0, "rank", range(1, len(table) + 1))
-    verdict = "single" if len(table) == 1 else "clear" if table["tied"].sum() == 1 else "tie-break"
-    reason = _reason(table, rule, verdict, best_name, "" if per_image is not None else no_interval)
-    return Ranking(table, str(table.loc[0, "experiment"]), reason, verdict, best_name)
+    return table
 
 
 def _reason(

@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from aeselect.config import PARAMS_FILE, ConfigError, apply_overrides, flatten, from_dict
-from aeselect.dvc import DvcError, run_dvc
+from aeselect.dvc import DvcError, queue_status, run_dvc
 from aeselect.phases.spec import PhaseError, PhaseRun, PhaseSpec
 
 RUN_DIR = Path(".dvc/tmp/exps/run")
@@ -93,13 +93,8 @@ def experiment_params(spec: PhaseSpec, run: PhaseRun, extra: dict[str, Any]) -> 
 
 def queue_states(repo: Path) -> dict[str, TaskState]:
     """Name -> state of the tasks in DVC's queue, Running tasks whose process is gone as Stuck."""
-    out = run_dvc(["queue", "status"], cwd=repo).stdout
     states: dict[str, TaskState] = {}
-    for line in out.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) < 3 or line.startswith("Worker status"):
-            continue
-        task, name, status = fields[0], fields[1], fields[-1]
+    for task, name, status in queue_status(repo).tasks:
         if status == "Running" and not _task_alive(repo, task):
             status = "Stuck"
         states.setdefault(name, TaskState(name, task, status))
@@ -300,16 +295,46 @@ def load_phase_runs(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Phase
     """The phase's runs, each marked fresh when its recorded params equal what the phase asks
     for today and its `src/` and `dvc.yaml` trees equal HEAD's."""
     shown = exp_show(repo)
+    baseline = head_baseline(repo, shown, sweep)
+    expected = {(run.key, run.repeat): baseline.expected(spec, run) for run in spec.runs()}
+    records = shown_runs(spec, shown)
+    claims = claim_records(repo)
+    queued = queue_states(repo)
+    taken = frozenset(records.keys() | claims.keys() | queued.keys())
+    trees: dict[str, tuple[str, ...] | None] = {baseline.commit: baseline.code}
+    runs: list[Run] = []
+    for name in sorted(taken):
+        parsed = parse_run_name(spec, name)
+        if parsed is None:
+            continue  # another phase's
+        run = _known_run(name, parsed, records.get(name), claims.get(name), queued)
+        if run is None:
+            continue  # only DVC's queue history remembers it: its experiment was removed
+        code_rev = run.rev or run.baseline
+        if code_rev and code_rev not in trees:
+            trees[code_rev] = code_trees(repo, code_rev)
+        fresh = (
+            run.params is not None
+            and run.params == expected[run.key, run.repeat]
+            and code_rev is not None
+            and trees[code_rev] == baseline.code
+        )
+        runs.append(replace(run, fresh=fresh))
+    return PhaseRuns(spec, baseline, runs, taken)
+
+
+def head_baseline(repo: Path, shown: list[dict[str, Any]], sweep: dict[str, Any]) -> Baseline:
+    """HEAD's params (as `dvc exp show` parsed them) and code trees, with the sweep's --set."""
     head = git(repo, "rev-parse", "HEAD").strip()
     head_entry = next((b for b in shown if b.get("rev") == head), None)
     if head_entry is None:
         raise PhaseError(f"`dvc exp show -A` does not list HEAD ({head[:7]}) in {repo}")
-    baseline = Baseline(
-        head, _params_tree(head_entry.get("data") or {}), code_trees(repo, head), sweep
-    )
-    expected = {(run.key, run.repeat): baseline.expected(spec, run) for run in spec.runs()}
+    return Baseline(head, _params_tree(head_entry.get("data") or {}), code_trees(repo, head), sweep)
 
-    records: dict[str, Run] = {}  # exp show: one entry per name, the newest
+
+def shown_runs(spec: PhaseSpec, shown: list[dict[str, Any]]) -> dict[str, Run]:
+    """The phase's experiments in `dvc exp show`: one per name, the newest."""
+    records: dict[str, Run] = {}
     for entry in shown:
         for exp in entry.get("experiments") or []:
             parsed = parse_run_name(spec, exp.get("name") or "")
@@ -331,46 +356,35 @@ def load_phase_runs(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Phase
             )
             if run.name not in records or run.timestamp >= records[run.name].timestamp:
                 records[run.name] = run
-    claims = claim_records(repo)
-    queued = queue_states(repo)
-    taken = frozenset(records.keys() | claims.keys() | queued.keys())
-    trees: dict[str, tuple[str, ...] | None] = {head: baseline.code}
-    runs: list[Run] = []
-    for name in sorted(taken):
-        parsed = parse_run_name(spec, name)
-        if parsed is None:
-            continue
-        record, claim = records.get(name), claims.get(name)
-        if claim is not None and (record is None or record.timestamp < claim.get("claimed_at", "")):
-            # The claim is newer than DVC's newest record of the name: it speaks for the run.
-            run = Run(
-                name,
-                *parsed,
-                status=claim_state(claim).status,
-                task=claim_state(claim),
-                rev=record.rev if record else None,
-                baseline=claim.get("baseline") or None,
-                timestamp=claim.get("claimed_at", ""),
-                params=record.params if record else claim.get("params"),
-                metrics=record.metrics if record else {},
-            )
-        elif record is not None:
-            task = queued.get(name)
-            status = task.status if task and task.status != "Success" else record.status
-            run = replace(record, status=status, task=task)
-        else:
-            continue  # only DVC's queue history remembers it: its experiment was removed
-        code_rev = run.rev or run.baseline
-        if code_rev and code_rev not in trees:
-            trees[code_rev] = code_trees(repo, code_rev)
-        fresh = (
-            run.params is not None
-            and run.params == expected[run.key, run.repeat]
-            and code_rev is not None
-            and trees[code_rev] == baseline.code
+    return records
+
+
+def _known_run(
+    name: str,
+    parsed: tuple[str, int, int],
+    record: Run | None,
+    claim: dict[str, Any] | None,
+    queued: dict[str, TaskState],
+) -> Run | None:
+    """One run as its newest source knows it: the drainer's claim when newer than DVC's record
+    of the name, else DVC's record with its queue state; None when neither knows it."""
+    if claim is not None and (record is None or record.timestamp < claim.get("claimed_at", "")):
+        return Run(
+            name,
+            *parsed,
+            status=claim_state(claim).status,
+            task=claim_state(claim),
+            rev=record.rev if record else None,
+            baseline=claim.get("baseline") or None,
+            timestamp=claim.get("claimed_at", ""),
+            params=record.params if record else claim.get("params"),
+            metrics=record.metrics if record else {},
         )
-        runs.append(replace(run, fresh=fresh))
-    return PhaseRuns(spec, baseline, runs, taken)
+    if record is None:
+        return None
+    task = queued.get(name)
+    status = task.status if task and task.status != "Success" else record.status
+    return replace(record, status=status, task=task)
 
 
 def queue_phase(
@@ -433,7 +447,11 @@ def _run_with_lock_retry(repo: Path, args: list[str]) -> None:
 
 
 def exp_show(repo: Path) -> list[dict[str, Any]]:
-    """Every experiment of every commit (`-A`: promoted phases drop out of a plain exp show)."""
+    """Every experiment of every commit (`-A`: promoted phases drop out of a plain exp show).
+
+    Not `dvc.api.exp_show`: it has no `-A`, and its flat table cuts revs to 7 characters,
+    formats timestamps, drops a failed run's error, and flattens params to text or floats.
+    """
     out = run_dvc(["exp", "show", "--json", "-A", "--no-fetch"], cwd=repo).stdout
     return json.loads(out)
 

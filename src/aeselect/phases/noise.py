@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from aeselect.dvc import read_output
 from aeselect.phases.experiments import collect_results
 from aeselect.phases.spec import PhaseSpec
 
@@ -95,14 +96,6 @@ class PhaseResults:
 
 def seed_spread_column(metric: str) -> str:
     return f"{metric}.seed_std"
-
-
-def read_output(repo: Path, path: str, rev: str) -> bytes:
-    """A pipeline output as an experiment recorded it (DVC cache at its rev, not the workspace)."""
-    import dvc.api
-
-    with dvc.api.open(path, repo=str(repo), rev=rev, mode="rb") as handle:
-        return handle.read()
 
 
 def mean_over_seeds(runs: pd.DataFrame, spec: PhaseSpec, primary: str) -> pd.DataFrame:

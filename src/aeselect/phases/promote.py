@@ -26,7 +26,7 @@ from aeselect.phases.noise import (
     gather,
     seed_spread_column,
 )
-from aeselect.phases.spec import DECISIONS_DIR, PhaseError, PhaseSpec
+from aeselect.phases.spec import DECISIONS_DIR, PhaseError, PhaseSpec, all_phases
 
 # Columns every decision file and report shows, beside the rule's own.
 HEADLINE = [
@@ -159,6 +159,47 @@ def promote(
     Only fresh runs count (`gather`, `collect_results`): each ran with params.yaml at HEAD, its
     experiment's set and the sweep's --set (`sweep`), on HEAD's code and pipeline.
     """
+    require_promotable(repo, spec)
+    phase = gather(repo, spec, sweep)
+    unfinished = _listing(phase.runs)
+    if unfinished and pick is None:
+        listing = ", ".join(f"{n} ({s})" for n, s in unfinished.items())
+        raise PhaseError(
+            f"phase {spec.id}: not every experiment has a successful run on today's baseline: "
+            f"{listing}. Run them (`aeselect phase run {spec.id}` queues what is missing, "
+            "stale or failed), or choose with --pick NAME --why '...'"
+        )
+    ranking = rank(phase.experiments, spec.decide, phase.per_image, phase.no_interval)
+    winner, override = ranking.winner, None
+    if pick is not None:
+        winner, override = _override(spec, phase, ranking, pick, why)
+    row = ranking.table.set_index("experiment").loc[winner]
+    selected = {key: spec.experiments[row["key"]][key] for key in spec.selects}
+    write_params(repo, spec, winner, row, selected)
+    decision = {
+        "phase": spec.id,
+        "title": spec.title,
+        "decided": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "winner": winner,
+        "experiment_rev": _plain(row["rev"]),
+        "baseline_commit": _plain(row["baseline"]),  # the HEAD the winning run ran on
+        "sweep_set": sweep,
+        "selected": selected,
+        "override": override,
+        "rule": _rule(spec),
+        "verdict": ranking.verdict,
+        "rationale": (f"picked by hand: {why}; the rule's order was: " if override else "")
+        + ranking.reason,
+        "noise": _noise(spec, phase, ranking),
+        "metrics": _summary(row, spec),
+        "candidates": _candidates(spec, phase.runs, ranking)
+        + [{"experiment": n, "state": s} for n, s in unfinished.items()],
+    }
+    return commit_decision(repo, spec, decision, row)
+
+
+def require_promotable(repo: Path, spec: PhaseSpec) -> None:
+    """Refuse to mix the user's params.yaml edits into the commit, or to decide a phase twice."""
     if dirty_paths(repo, (PARAMS_FILE,)):
         raise PhaseError(
             f"{PARAMS_FILE} has uncommitted changes; commit or stash them first "
@@ -169,28 +210,27 @@ def promote(
             f"phase {spec.id} is already decided ({DECISIONS_DIR}/{spec.id}.yaml); "
             "`git revert` that commit to decide again"
         )
-    phase = gather(repo, spec, sweep)
-    runs = phase.runs
-    unfinished = _listing(runs)
-    if unfinished and pick is None:
-        listing = ", ".join(f"{n} ({s})" for n, s in unfinished.items())
-        raise PhaseError(
-            f"phase {spec.id}: not every experiment has a successful run on today's baseline: "
-            f"{listing}. Run them (`aeselect phase run {spec.id}` queues what is missing, "
-            "stale or failed), or choose with --pick NAME --why '...'"
-        )
-    ranking: Ranking = rank(phase.experiments, spec.decide, phase.per_image, phase.no_interval)
-    winner = ranking.winner
-    override = None
-    if pick is not None:
-        row = _picked(spec, phase, pick)
-        if not why:
-            raise PhaseError("--pick needs --why '...': the decision file records the reason")
-        override = {"picked": row["experiment"], "rule_winner": winner, "why": why}
-        winner = row["experiment"]
-    row = ranking.table.set_index("experiment").loc[winner]
-    selected = {key: spec.experiments[row["key"]][key] for key in spec.selects}
 
+
+def _override(
+    spec: PhaseSpec, phase: PhaseResults, ranking: Ranking, pick: str, why: str | None
+) -> tuple[str, dict[str, str]]:
+    """`--pick` with its `--why`: the picked experiment, and what the decision records of it."""
+    row = _picked(spec, phase, pick)
+    if not why:
+        raise PhaseError("--pick needs --why '...': the decision file records the reason")
+    return row["experiment"], {
+        "picked": row["experiment"],
+        "rule_winner": ranking.winner,
+        "why": why,
+    }
+
+
+def write_params(
+    repo: Path, spec: PhaseSpec, winner: str, row: pd.Series, selected: dict[str, Any]
+) -> None:
+    """Set the selected keys in params.yaml, after checking that the promoted file is valid and
+    holds exactly what the winning run recorded."""
     params_file = repo / PARAMS_FILE
     new_text = set_params(params_file.read_text(), selected)
     written = from_dict(yaml.safe_load(new_text)).flat()  # the promoted file must be valid
@@ -209,53 +249,55 @@ def promote(
         )
     params_file.write_text(new_text)
 
-    primary = column(spec.decide.primary)
-    decision = {
-        "phase": spec.id,
-        "title": spec.title,
-        "decided": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "winner": winner,
-        "experiment_rev": _plain(row["rev"]),
-        "baseline_commit": _plain(row["baseline"]),  # the HEAD the winning run ran on
-        "sweep_set": sweep,
-        "selected": selected,
-        "override": override,
-        "rule": {
-            "metric": primary,
-            "direction": spec.decide.primary.direction,
-            "tolerance": spec.decide.tolerance,
-            "tie_breakers": [c.describe() for c in spec.decide.tie_breakers],
-        },
-        "verdict": ranking.verdict,
-        "rationale": (f"picked by hand: {why}; the rule's order was: " if override else "")
-        + ranking.reason,
-        "noise": {
-            "method": f"paired bootstrap over the val images of {primary}, minus the best's",
-            "best": ranking.best,
-            "val_images": None if phase.per_image is None else len(phase.per_image),
-            "resamples": RESAMPLES,
-            "seed": BOOTSTRAP_SEED,
-            "confidence": CONFIDENCE,
-            "training_seeds": spec.repeats,
-            "no_interval": phase.no_interval or None,
-        },
-        "metrics": _summary(row, spec),
-        "candidates": [
-            {
-                "experiment": r["experiment"],
-                "rank": int(r["rank"]),
-                "tied_with_best": bool(r["tied"]),
-                "experiment_rev": _plain(r["rev"]),
-                "baseline_commit": _plain(r["baseline"]),
-                "params": {k: _plain(r.get(f"params.{k}")) for k in spec.selects},
-            }
-            | _versus_best(r)
-            | _summary(r, spec)
-            | _seed_runs(runs, r["key"], spec)
-            for _, r in ranking.table.iterrows()
-        ]
-        + [{"experiment": n, "state": s} for n, s in unfinished.items()],
+
+def _rule(spec: PhaseSpec) -> dict[str, Any]:
+    return {
+        "metric": column(spec.decide.primary),
+        "direction": spec.decide.primary.direction,
+        "tolerance": spec.decide.tolerance,
+        "tie_breakers": [c.describe() for c in spec.decide.tie_breakers],
     }
+
+
+def _noise(spec: PhaseSpec, phase: PhaseResults, ranking: Ranking) -> dict[str, Any]:
+    """How the differences from the best were judged: the bootstrap's settings and evidence."""
+    return {
+        "method": "paired bootstrap over the val images of "
+        f"{column(spec.decide.primary)}, minus the best's",
+        "best": ranking.best,
+        "val_images": None if phase.per_image is None else len(phase.per_image),
+        "resamples": RESAMPLES,
+        "seed": BOOTSTRAP_SEED,
+        "confidence": CONFIDENCE,
+        "training_seeds": spec.repeats,
+        "no_interval": phase.no_interval or None,
+    }
+
+
+def _candidates(spec: PhaseSpec, runs: pd.DataFrame, ranking: Ranking) -> list[dict[str, Any]]:
+    """Every ranked experiment: its rank, runs, selected params, difference from the best and
+    headline metrics."""
+    return [
+        {
+            "experiment": r["experiment"],
+            "rank": int(r["rank"]),
+            "tied_with_best": bool(r["tied"]),
+            "experiment_rev": _plain(r["rev"]),
+            "baseline_commit": _plain(r["baseline"]),
+            "params": {k: _plain(r.get(f"params.{k}")) for k in spec.selects},
+        }
+        | _versus_best(r)
+        | _summary(r, spec)
+        | _seed_runs(runs, r["key"], spec)
+        for _, r in ranking.table.iterrows()
+    ]
+
+
+def commit_decision(
+    repo: Path, spec: PhaseSpec, decision: dict[str, Any], row: pd.Series
+) -> dict[str, Any]:
+    """Write the decision (and after the last phase, final.yaml) and commit it with params.yaml;
+    returns the decision with its commit and message."""
     path = decision_path(spec.id, repo)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(decision, sort_keys=False, width=100))
@@ -265,9 +307,11 @@ def promote(
         final_path = repo / DECISIONS_DIR / "final.yaml"
         final_path.write_text(yaml.safe_dump(final, sort_keys=False, width=100))
         committed.append(str(final_path.relative_to(repo)))
-    settings = " ".join(f"{k.split('.')[-1]}={v}" for k, v in selected.items())
+    settings = " ".join(f"{k.split('.')[-1]}={v}" for k, v in decision["selected"].items())
+    primary = decision["rule"]["metric"]
     message = (
-        f"phase {spec.id}: {settings or winner} ({primary} {row[primary]:.4g}, {ranking.verdict})"
+        f"phase {spec.id}: {settings or decision['winner']} "
+        f"({primary} {row[primary]:.4g}, {decision['verdict']})"
     )
     git(repo, "add", "--", *committed)
     git(repo, "commit", "-q", "-m", message, "--", *committed)
@@ -285,8 +329,6 @@ def _seed_runs(runs: pd.DataFrame, key: str, spec: PhaseSpec) -> dict[str, Any]:
 
 
 def last_phase_id(repo: Path) -> str:
-    from aeselect.phases.spec import all_phases
-
     return all_phases(repo / "phases")[-1].id
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
+from aeselect.dvc import read_output, read_output_dir
 from aeselect.phases.decide import VERDICTS, Ranking, column, describe_difference, rank
 from aeselect.phases.noise import (
     BOOTSTRAP_SEED,
@@ -18,7 +19,6 @@ from aeselect.phases.noise import (
     RESAMPLES,
     PhaseResults,
     gather,
-    read_output,
     seed_spread_column,
 )
 from aeselect.phases.promote import HEADLINE, read_decision
@@ -39,13 +39,10 @@ class Comparison:
 
 def val_curves(repo: Path, done: pd.DataFrame) -> pd.DataFrame:
     """Per-evaluation val metrics of every experiment (dvclive's TSVs read at each exp's rev)."""
-    import dvc.api
-
     frames = []
     for _, row in done.iterrows():
-        fs = dvc.api.DVCFileSystem(str(repo), rev=row["rev"])
-        for tsv in fs.find(VAL_CURVES_DIR):
-            frame = pd.read_csv(io.BytesIO(fs.read_bytes(tsv)), sep="\t")
+        for tsv in read_output_dir(repo, VAL_CURVES_DIR, row["rev"]).values():
+            frame = pd.read_csv(io.BytesIO(tsv), sep="\t")
             metric = frame.columns[-1]
             frames.append(
                 frame.rename(columns={metric: "value"}).assign(
@@ -238,40 +235,12 @@ def noise_note(spec: PhaseSpec, phase: PhaseResults, ranking: Ranking) -> list[s
 def render_markdown(
     repo: Path, spec: PhaseSpec, phase: PhaseResults, ranking: Ranking | None
 ) -> str:
-    results = phase.experiments
-    table = ranking.table if ranking else results
-    shown = display_table(spec, table)
-    decision = read_decision(spec.id, repo)
-    names = " ".join(phase.runs.loc[phase.runs["state"] == "Success", "experiment"])
-    lines = [
-        f"# Phase {spec.id}: {spec.title}",
-        "",
-        f"Selects: {', '.join(f'`{k}`' for k in spec.selects) or 'nothing (final training)'}. "
-        f"Rule: {spec.decide.primary.describe()}, ties within the noise or "
-        f"{spec.decide.tolerance:.0%}"
-        + (
-            f", then {', '.join(c.describe() for c in spec.decide.tie_breakers)}"
-            if spec.decide.tie_breakers
-            else ""
-        )
-        + ".",
-        "",
-        "## Ranking",
-        "",
-        shown.to_markdown(index=False, floatfmt=".4g") if len(shown) else "(no experiments yet)",
-        "",
-    ]
+    """report.md: the rule, the ranking, the verdict, the decision if one was made, the figures."""
+    table = ranking.table if ranking else phase.experiments
+    lines = _ranking_section(spec, display_table(spec, table))
     if ranking:
-        lines += [
-            f"## Verdict: {ranking.verdict}",
-            "",
-            f"{ranking.winner}: {VERDICTS[ranking.verdict]}.",
-            "",
-            ranking.reason + ".",
-            "",
-            *noise_note(spec, phase, ranking),
-            "",
-        ]
+        lines += _verdict_section(spec, phase, ranking)
+    decision = read_decision(spec.id, repo)
     if decision:
         lines += [
             "## Decision",
@@ -282,7 +251,45 @@ def render_markdown(
             "",
         ]
     order = ", ".join(table["experiment"]) if ranking else ""
-    lines += [
+    succeeded = phase.runs.loc[phase.runs["state"] == "Success", "experiment"]
+    lines += _figures_section(spec, order, " ".join(succeeded))
+    return "\n".join(lines)
+
+
+def _ranking_section(spec: PhaseSpec, shown: pd.DataFrame) -> list[str]:
+    rule = spec.decide
+    breakers = ", ".join(c.describe() for c in rule.tie_breakers)
+    return [
+        f"# Phase {spec.id}: {spec.title}",
+        "",
+        f"Selects: {', '.join(f'`{k}`' for k in spec.selects) or 'nothing (final training)'}. "
+        f"Rule: {rule.primary.describe()}, ties within the noise or {rule.tolerance:.0%}"
+        + (f", then {breakers}" if rule.tie_breakers else "")
+        + ".",
+        "",
+        "## Ranking",
+        "",
+        shown.to_markdown(index=False, floatfmt=".4g") if len(shown) else "(no experiments yet)",
+        "",
+    ]
+
+
+def _verdict_section(spec: PhaseSpec, phase: PhaseResults, ranking: Ranking) -> list[str]:
+    return [
+        f"## Verdict: {ranking.verdict}",
+        "",
+        f"{ranking.winner}: {VERDICTS[ranking.verdict]}.",
+        "",
+        ranking.reason + ".",
+        "",
+        *noise_note(spec, phase, ranking),
+        "",
+    ]
+
+
+def _figures_section(spec: PhaseSpec, order: str, succeeded: str) -> list[str]:
+    """The reconstructions, the zoom, the charts, and how to see them interactively."""
+    return [
         "## Reconstructions",
         "",
         f"Same val images: the originals, then one column per experiment ({order}).",
@@ -303,7 +310,6 @@ def render_markdown(
         "Charts are DVC plot templates rendered offline (`*.vl.json` are their Vega-Lite specs).",
         "Interactive (needs network for Vega):",
         "",
-        f"    dvc plots diff {names} -o {REPORTS_DIR}/{spec.id}/plots",
+        f"    dvc plots diff {succeeded} -o {REPORTS_DIR}/{spec.id}/plots",
         "",
     ]
-    return "\n".join(lines)

@@ -190,6 +190,28 @@ def _required_phase(raw: Any, phase_id: str, path: Path, phases_dir: Path) -> st
 def load_phase(phase_id: str, phases_dir: Path = PHASES_DIR) -> PhaseSpec:
     """Read and fully validate one phase file: every mistake is reported here, before any run."""
     path = phase_path(phase_id, phases_dir)
+    raw = _read_phase_file(path, phase_id, phases_dir)
+    repeats = _repeats(raw.get("repeats", 1), path)
+    selects = _selects(raw["selects"], path)
+    experiments = raw["experiments"]
+    if not isinstance(experiments, dict) or not experiments:
+        raise PhaseError(f"{path}: experiments must be a non-empty mapping of name -> params")
+    for name, params in experiments.items():
+        _check_experiment(f"{path}: experiments.{name}", name, params, selects, repeats)
+    return PhaseSpec(
+        id=phase_id,
+        title=str(raw["title"]),
+        requires=_required_phase(raw["requires"], phase_id, path, phases_dir),
+        selects=selects,
+        experiments={str(k): dict(v) for k, v in experiments.items()},
+        decide=_decision_rule(raw["decide"], path),
+        path=path,
+        repeats=repeats,
+    )
+
+
+def _read_phase_file(path: Path, phase_id: str, phases_dir: Path) -> dict[str, Any]:
+    """The phase file as a mapping with every required key, no unknown one, and its own id."""
     if not path.exists():
         known = sorted(p.stem for p in phases_dir.glob("phase*.yaml"))
         raise PhaseError(f"{path}: no such phase file (phase files here: {', '.join(known)})")
@@ -205,60 +227,59 @@ def load_phase(phase_id: str, phases_dir: Path = PHASES_DIR) -> PhaseSpec:
             raise PhaseError(f"{path}: missing key {key!r}")
     if str(raw["id"]) != phase_id:
         raise PhaseError(f"{path}: id is {raw['id']!r} but the file name says {phase_id}")
+    return raw
 
-    repeats = raw.get("repeats", 1)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+
+def _repeats(raw: Any, path: Path) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
         raise PhaseError(
             f"{path}: repeats must be a whole number >= 1 (training seeds per experiment), "
-            f"got {repeats!r}"
+            f"got {raw!r}"
         )
+    return raw
+
+
+def _selects(raw: Any, path: Path) -> tuple[str, ...]:
+    selects = tuple(raw or ())
     keys = valid_keys()
-    selects = tuple(raw["selects"] or ())
     for key in selects:
         if key not in keys:
             raise PhaseError(f"{path}: selects {key!r}, which is not a params.yaml key")
-    experiments = raw["experiments"]
-    if not isinstance(experiments, dict) or not experiments:
-        raise PhaseError(f"{path}: experiments must be a non-empty mapping of name -> params")
-    for name, params in experiments.items():
-        where = f"{path}: experiments.{name}"
-        if not EXPERIMENT_KEY.match(str(name)):
-            raise PhaseError(f"{where}: names use a-z, 0-9 and '-' (they become Git ref names)")
-        if not isinstance(params, dict):
-            raise PhaseError(f"{where}: expected a mapping of params.yaml keys to values")
-        for key in params:
-            if key not in keys:
-                raise PhaseError(f"{where}: {key!r} is not a params.yaml key")
-        for key in selects:
-            if key not in params:
-                raise PhaseError(f"{where}: does not set {key!r}, which this phase selects")
-        if repeats > 1 and REPEAT_SEED_KEY in params:
-            raise PhaseError(
-                f"{where}: sets {REPEAT_SEED_KEY!r}, which `repeats: {repeats}` sets for each run "
-                f"(0 .. {repeats - 1}); drop it here or drop repeats"
-            )
-        for key in params:
-            if key not in selects:
-                raise PhaseError(
-                    f"{where}: sets {key!r}, which this phase does not select, so promote would "
-                    f"never write it to params.yaml; add it to selects, or pass it to every "
-                    f"experiment with `--set {key}=...`"
-                )
-        try:
-            from_dict(apply_overrides({}, params))
-        except ConfigError as err:
-            raise PhaseError(f"{where}: {err}") from None
+    return selects
 
-    return PhaseSpec(
-        id=phase_id,
-        title=str(raw["title"]),
-        requires=_required_phase(raw["requires"], phase_id, path, phases_dir),
-        selects=selects,
-        experiments={str(k): dict(v) for k, v in experiments.items()},
-        decide=_decision_rule(raw["decide"], path),
-        path=path,
-        repeats=repeats,
-    )
+
+def _check_experiment(
+    where: str, name: Any, params: Any, selects: tuple[str, ...], repeats: int
+) -> None:
+    """One experiment: a plain name, and valid params that are exactly what the phase selects
+    (plus nothing `repeats` sets itself)."""
+    if not EXPERIMENT_KEY.match(str(name)):
+        raise PhaseError(f"{where}: names use a-z, 0-9 and '-' (they become Git ref names)")
+    if not isinstance(params, dict):
+        raise PhaseError(f"{where}: expected a mapping of params.yaml keys to values")
+    keys = valid_keys()
+    for key in params:
+        if key not in keys:
+            raise PhaseError(f"{where}: {key!r} is not a params.yaml key")
+    for key in selects:
+        if key not in params:
+            raise PhaseError(f"{where}: does not set {key!r}, which this phase selects")
+    if repeats > 1 and REPEAT_SEED_KEY in params:
+        raise PhaseError(
+            f"{where}: sets {REPEAT_SEED_KEY!r}, which `repeats: {repeats}` sets for each run "
+            f"(0 .. {repeats - 1}); drop it here or drop repeats"
+        )
+    for key in params:
+        if key not in selects:
+            raise PhaseError(
+                f"{where}: sets {key!r}, which this phase does not select, so promote would "
+                f"never write it to params.yaml; add it to selects, or pass it to every "
+                f"experiment with `--set {key}=...`"
+            )
+    try:
+        from_dict(apply_overrides({}, params))
+    except ConfigError as err:
+        raise PhaseError(f"{where}: {err}") from None
 
 
 def all_phases(phases_dir: Path = PHASES_DIR) -> list[PhaseSpec]:

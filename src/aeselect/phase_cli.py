@@ -1,30 +1,17 @@
-"""`aeselect phase ...`: thin commands over aeselect.phases."""
+"""`aeselect phase ...`: thin commands over aeselect.phases (and, for `drain` and `submit`,
+aeselect.cluster); they live above both packages, which never import this module."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
-from aeselect.cluster.home import bring_home, follow, where_ran
 from aeselect.config import apply_overrides, from_dict, parse_assignment
-from aeselect.dvc import run_dvc, start_queue_workers
-from aeselect.envvars import THREADS_ENV
-from aeselect.phases.experiments import (
-    TERMINAL,
-    dirty_paths,
-    load_phase_runs,
-    queue_phase,
-    recorded_sweep,
-    task_states,
-)
+from aeselect.phases.experiments import dirty_paths, load_phase_runs, queue_phase, recorded_sweep
+from aeselect.phases.run import wait_for_phase
 from aeselect.phases.spec import PhaseError, PhaseSpec, all_phases, load_phase
-
-POLL_SECONDS = 2.0
-STUCK_GRACE_SECONDS = 30.0
 
 
 def _note(message: str) -> None:
@@ -83,47 +70,6 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return 0
 
 
-def wait_for_phase(repo: Path, names: list[str], jobs: int, *, echo=print) -> dict[str, str]:
-    """Drain the queue until each of the runs `names` is Success or Failed.
-
-    A task still Queued while no worker runs (DVC once lost one at a worker's idle shutdown)
-    gets workers started again; a Stuck task (its worker was killed) is reported, not waited on.
-    """
-    jobs = max(1, min(jobs, len(names)))  # a one-experiment phase gets every core
-    env = {THREADS_ENV: str(max(1, (os.cpu_count() or 1) // jobs))}
-    start_queue_workers(jobs, repo, env)
-    seen: dict[str, str] = {}
-    stuck_since: dict[str, float] = {}
-    start = time.monotonic()
-    while True:
-        states = task_states(repo)
-        current = {n: states[n].status if n in states else "Missing" for n in names}
-        now = time.monotonic()
-        for name, status in current.items():
-            # A finished task is "Running" with its process gone until DVC collects it: only a
-            # task stuck that way for STUCK_GRACE_SECONDS was really killed.
-            if status != "Stuck":
-                stuck_since.pop(name, None)
-            elif now - stuck_since.setdefault(name, now) < STUCK_GRACE_SECONDS:
-                current[name] = "Running"
-        for name, status in current.items():
-            if seen.get(name) != status:
-                echo(f"[{time.monotonic() - start:6.0f}s] {name}: {status.lower()}")
-        seen = current
-        pending = [n for n, s in current.items() if s not in (*TERMINAL, "Stuck", "Missing")]
-        if not pending:
-            return current
-        if all(current[n] == "Queued" for n in pending) and not _workers_alive(repo):
-            start_queue_workers(jobs, repo, env)
-        time.sleep(POLL_SECONDS)
-
-
-def _workers_alive(repo: Path) -> bool:
-    out = run_dvc(["queue", "status"], cwd=repo).stdout
-    line = next((ln for ln in out.splitlines() if ln.startswith("Worker status")), "")
-    return not line.startswith("Worker status: 0 active")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     runs = queue(args)
     if args.dry_run:
@@ -139,6 +85,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     repo = _repo(args)
     if args.phase is None:
         return cmd_show(args)
+    from aeselect.cluster.home import follow, where_ran
+
     spec = _spec(args)
     follow(repo, spec)  # a phase shared between jobs: their claims on the Git remote
     where = where_ran(repo, spec)
@@ -159,7 +107,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 bad += 1
             if run.status in ("Failed", "Stuck"):
                 log = run.task.log_path(repo) if run.task else None
-                line += f"  log: {log.relative_to(repo) if log else '(none)'}"
+                shown = log.relative_to(repo) if log and log.is_relative_to(repo) else log
+                line += f"  log: {shown or '(none)'}"  # a shared job's is in its own clone
             if run is current and run.status == "Stuck":
                 line += "  (its worker is gone: `dvc queue kill`/`remove` it and queue again)"
             if run.name in where:
@@ -169,6 +118,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from aeselect.cluster.home import bring_home
     from aeselect.phases.decide import VERDICTS
     from aeselect.phases.report import compare, display_table
 
@@ -188,6 +138,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    from aeselect.cluster.home import bring_home
     from aeselect.phases.promote import promote
 
     repo, spec = _repo(args), _spec(args)
@@ -225,16 +176,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from aeselect.cluster.slurm import (
-        check_fits,
-        load_profile,
-        load_profiles,
-        submit,
-        submit_shared,
-    )
+    from aeselect.cluster.slurm import check_fits, load_profiles, submit, submit_shared
 
     repo, spec = _repo(args), _spec(args)
-    if len(load_profiles(repo, args.cluster)) > 1:  # one job per profile, sharing the phase
+    profiles = load_profiles(repo, args.cluster)
+    if len(profiles) > 1:  # one job per profile, sharing the phase
         return submit_shared(
             repo,
             spec,
@@ -244,16 +190,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
             sweep=sweep_of(args, repo, spec),
             retry_failed=not args.no_retry,
         )
-    args.cluster = load_profiles(repo, args.cluster)[0].name
     # A bad profile must not leave the phase queued.
-    check_fits(_spec(args), load_profile(_repo(args), args.cluster))
+    check_fits(spec, profiles[0])
     if not args.dry_run:
         if shutil.which("sbatch") is None:
             raise PhaseError(
                 "sbatch is not on PATH: submit from a login node (or module load slurm)"
             )
         cmd_queue(args)
-    return submit(_repo(args), _spec(args), args.cluster, dry_run=args.dry_run)
+    return submit(repo, spec, profiles[0].name, dry_run=args.dry_run)
 
 
 def add_phase_commands(commands: argparse._SubParsersAction) -> None:
@@ -261,49 +206,73 @@ def add_phase_commands(commands: argparse._SubParsersAction) -> None:
         "phase", help="Phase 1 sweeps: queue, run, status, compare, promote"
     )
     sub = phase.add_subparsers(dest="phase_command", required=True)
+    add_sweep_commands(sub)
+    add_result_commands(sub)
+    add_cluster_commands(sub)
 
-    def add(
-        name: str, func, help_text: str, phase_arg: str = "required"
-    ) -> argparse.ArgumentParser:
-        parser = sub.add_parser(name, help=help_text)
-        if phase_arg == "required":
-            parser.add_argument("phase", help="phase id, e.g. 1.1")
-        elif phase_arg == "optional":
-            parser.add_argument("phase", nargs="?", help="phase id; omit for all of Phase 1")
-        parser.add_argument("--repo", default=".", help="project repository (default: .)")
-        parser.set_defaults(func=lambda a: _guard(func, a))
-        return parser
 
-    for name, func, text in [
-        ("queue", cmd_queue, "queue the phase's experiments (`dvc exp run --queue`)"),
-        ("run", cmd_run, "queue if needed, then drain the queue locally and wait"),
-    ]:
-        parser = add(name, func, text)
-        add_set(parser)
-        parser.add_argument("--dry-run", action="store_true", help="print the dvc commands only")
-        parser.add_argument(
-            "--allow-dirty",
-            action="store_true",
-            help="queue even with uncommitted params/code changes",
-        )
-        add_retry(parser)
-        if name == "run":
-            parser.add_argument("-j", "--jobs", type=int, default=1, help="parallel experiments")
-    add_set(
-        add("status", cmd_status, "each run: queued/running/success/failed/stuck/stale", "optional")
+def add_command(
+    sub: argparse._SubParsersAction, name: str, func, help_text: str, phase_arg: str = "required"
+) -> argparse.ArgumentParser:
+    """A phase subcommand with its phase id ("required", "optional" or "none") and --repo; a
+    PhaseError it raises becomes a message and exit code 2."""
+    parser = sub.add_parser(name, help=help_text)
+    if phase_arg == "required":
+        parser.add_argument("phase", help="phase id, e.g. 1.1")
+    elif phase_arg == "optional":
+        parser.add_argument("phase", nargs="?", help="phase id; omit for all of Phase 1")
+    parser.add_argument("--repo", default=".", help="project repository (default: .)")
+    parser.set_defaults(func=lambda a: _guard(func, a))
+    return parser
+
+
+def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
+    """`queue` and `run`: the phase's experiments into DVC's queue, and for `run` through it."""
+    queue_parser = add_command(
+        sub, "queue", cmd_queue, "queue the phase's experiments (`dvc exp run --queue`)"
     )
-    add_set(add("compare", cmd_compare, "rank the phase's experiments; write phases/reports/<id>/"))
-    promote = add("promote", cmd_promote, "commit the winner's selected params and the decision")
+    run = add_command(sub, "run", cmd_run, "queue if needed, then drain the queue locally and wait")
+    for parser in (queue_parser, run):
+        add_queue_options(parser, dry_run_help="print the dvc commands only")
+    run.add_argument("-j", "--jobs", type=int, default=1, help="parallel experiments")
+
+
+def add_result_commands(sub: argparse._SubParsersAction) -> None:
+    """`status`, `compare`, `promote` and `show`: what the runs did, and what was decided."""
+    add_set(
+        add_command(
+            sub,
+            "status",
+            cmd_status,
+            "each run: queued/running/success/failed/stuck/stale",
+            "optional",
+        )
+    )
+    add_set(
+        add_command(
+            sub, "compare", cmd_compare, "rank the phase's experiments; write phases/reports/<id>/"
+        )
+    )
+    promote = add_command(
+        sub, "promote", cmd_promote, "commit the winner's selected params and the decision"
+    )
     add_set(promote)
     promote.add_argument("--pick", help="promote this experiment instead of the rule's winner")
     promote.add_argument("--why", help="reason for --pick, recorded in the decision")
-    add("show", cmd_show, "where Phase 1 stands and what to run next", "none")
+    add_command(sub, "show", cmd_show, "where Phase 1 stands and what to run next", "none")
 
-    drain = add("drain", cmd_drain, "inside a SLURM allocation: run the queued experiments")
+
+def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
+    """`drain` (inside a SLURM job) and `submit` (from a login node)."""
+    drain = add_command(
+        sub, "drain", cmd_drain, "inside a SLURM allocation: run the queued experiments"
+    )
     drain.add_argument("-j", "--jobs", type=int, default=1, help="parallel experiments (GPUs)")
     drain.add_argument("--plan", help="a job's share of a plan shared between jobs (submit)")
     drain.add_argument("--profile", help="with --plan: the profile whose share this job drains")
-    submit = add("submit", cmd_submit, "queue the phase and sbatch its drainer on a cluster")
+    submit = add_command(
+        sub, "submit", cmd_submit, "queue the phase and sbatch its drainer on a cluster"
+    )
     submit.add_argument(
         "--cluster",
         action="append",
@@ -311,13 +280,23 @@ def add_phase_commands(commands: argparse._SubParsersAction) -> None:
         help="profile (or group of profiles) in hpc/clusters.yaml; repeat it to share the "
         "phase between one job per profile",
     )
-    add_set(submit)
-    add_retry(submit)
-    submit.add_argument(
-        "--dry-run", action="store_true", help="print the sbatch command and script"
+    add_queue_options(submit, dry_run_help="print the sbatch command and script")
+
+
+def add_queue_options(parser: argparse.ArgumentParser, *, dry_run_help: str) -> None:
+    """What every command that queues the phase takes: --set, --dry-run, --allow-dirty,
+    --no-retry."""
+    add_set(parser)
+    parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="queue even with uncommitted params/code changes",
     )
-    submit.add_argument(
-        "--allow-dirty", action="store_true", help="queue even with uncommitted params/code changes"
+    parser.add_argument(
+        "--no-retry",
+        action="store_true",
+        help="leave failed experiments failed (by default each gets a new run)",
     )
 
 
@@ -329,14 +308,6 @@ def add_set(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="param applied to every experiment of the phase (repeatable); "
         "default: the --set of the phase's last `phase queue`",
-    )
-
-
-def add_retry(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--no-retry",
-        action="store_true",
-        help="leave failed experiments failed (by default each gets a new run)",
     )
 
 
