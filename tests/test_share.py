@@ -13,7 +13,8 @@ import pytest
 from conftest import git
 
 from aeselect.cluster import home
-from aeselect.cluster.drain import Claim, SharedDrainer, read_claims
+from aeselect.cluster.claims import Claim, read_claims
+from aeselect.cluster.drain import SharedDrainer
 from aeselect.cluster.share import (
     ClaimRecord,
     Plan,

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from aeselect.cluster.drain import Claim, claim_queued, read_claims
+from aeselect.cluster.claims import Claim, claim_queued, read_claims
 from aeselect.cluster.share import (
     UNFINISHED,
     ClaimRecord,
