@@ -611,6 +611,7 @@ def test_two_profiles_share_a_phase_and_the_results_come_home(slurm_cluster, tmp
         # site-b finished its share (one short run) while site-a trained, was preempted and waited
         # for its requeue: it took site-a's unstarted lc2.
         assert history["p1-1-lc2"][0]["job"] == str(job_b), history["p1-1-lc2"]
+        assert "[drain] p1-1-lc2: claimed from site-a's share" in log_b, log_b
         remote_exps = git(
             tmp_path / "remote.git", "for-each-ref", "--format=%(refname)", "refs/exps/"
         )
@@ -639,19 +640,24 @@ def test_two_profiles_share_a_phase_and_the_results_come_home(slurm_cluster, tmp
         for job in jobs:
             slurm_cluster.run("scancel", job, check=False)
 
-    timeline = [
-        f"{u['at']}  {name:10s} job {u['job']} ({u['profile']} on {u['node']}): {u['status']}"
-        + (", pushed" if u["pushed"] else "")
+    # The timeline for the record: claim updates (in their order) and job starts, by time.
+    events = [
+        (
+            u["at"],
+            step,
+            f"{name:10s} job {u['job']} ({u['profile']} on {u['node']}): {u['status']}"
+            + (", pushed" if u["pushed"] else ""),
+        )
         for name, updates in history.items()
-        for u in updates
+        for step, u in enumerate(updates)
     ]
-    timeline.sort()
-    restarts = re.findall(
+    starts = re.findall(
         r"\[drain.sbatch\] (\S+) host \S+ job (\d+) SLURM_RESTART_COUNT=(\d)", log_a + log_b
     )
-    timeline += [
-        f"{at}  job {job} started (SLURM_RESTART_COUNT={count})" for at, job, count in restarts
-    ]
+    events += [(at[:19], -1, f"job {job} starts (restart {n})") for at, job, n in starts]
+    stolen = history["p1-1-lc2"][0]
+    events.append((stolen["at"], -1, f"job {job_b} takes p1-1-lc2 from site-a's share"))
+    timeline = [f"{at}  {text}" for at, _, text in sorted(events)]
     timeline += [f"user's clone: {pull}", f"user's clone: promote -> {decision['winner']}"]
     (tmp_path / "timeline.txt").write_text("\n".join(timeline) + "\n")
     with capsys.disabled():
