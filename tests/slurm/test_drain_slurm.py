@@ -656,7 +656,7 @@ def test_two_profiles_share_a_phase_and_the_results_come_home(slurm_cluster, tmp
     )
     events += [(at[:19], -1, f"job {job} starts (restart {n})") for at, job, n in starts]
     stolen = history["p1-1-lc2"][0]
-    events.append((stolen["at"], -1, f"job {job_b} takes p1-1-lc2 from site-a's share"))
+    events.append((stolen["at"], 0, f"job {job_b} takes p1-1-lc2 from site-a's share"))
     timeline = [f"{at}  {text}" for at, _, text in sorted(events)]
     timeline += [f"user's clone: {pull}", f"user's clone: promote -> {decision['winner']}"]
     (tmp_path / "timeline.txt").write_text("\n".join(timeline) + "\n")
