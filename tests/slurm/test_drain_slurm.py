@@ -21,6 +21,7 @@ import pytest
 import yaml
 from conftest import ROOT, TINY, git, make_project
 
+from aeselect.cluster.share import stamp
 from aeselect.cluster.slurm import load_profile, sbatch_command, submit
 from aeselect.phases.experiments import collect_results, exp_show, recorded_sweep
 from aeselect.phases.spec import PhaseError, PhaseSpec, load_phase
@@ -578,6 +579,7 @@ def test_two_profiles_share_a_phase_and_the_results_come_home(slurm_cluster, tmp
             assert time.monotonic() < deadline, job_log(project, job_a)
             time.sleep(0.2)
         slurm_cluster.signal(job_a, "USR1")
+        preempted_at = stamp()
         results_a = slurm_cluster.wait(job_a, timeout=300)
         results_b = slurm_cluster.wait(job_b, timeout=120)
         log_a, log_b = job_log(project, job_a), job_log(project, job_b)
@@ -655,6 +657,9 @@ def test_two_profiles_share_a_phase_and_the_results_come_home(slurm_cluster, tmp
         r"\[drain.sbatch\] (\S+) host \S+ job (\d+) SLURM_RESTART_COUNT=(\d)", log_a + log_b
     )
     events += [(at[:19], -1, f"job {job} starts (restart {n})") for at, job, n in starts]
+    events.append(
+        (preempted_at, 0, f"SIGUSR1 to job {job_a} (preemption): p1-1-long stops at step {stopped}")
+    )
     stolen = history["p1-1-lc2"][0]
     events.append((stolen["at"], 0, f"job {job_b} takes p1-1-lc2 from site-a's share"))
     timeline = [f"{at}  {text}" for at, _, text in sorted(events)]
