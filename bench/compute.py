@@ -446,8 +446,9 @@ def bench_loader(workdir: Path, quick: bool) -> Result:
 
 def _fake_checkpoint(cfg, data, models_dir: Path) -> None:
     """best.pt of an untrained model: evaluation cost does not depend on the weights."""
-    from aeselect.model import Autoencoder
     from aeselect.training.checkpoint import BEST, save_checkpoint
+
+    from aeselect.model import Autoencoder
 
     torch.manual_seed(cfg.train.seed)
     model = Autoencoder(cfg.model, data.aux_classes)

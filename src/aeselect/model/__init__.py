@@ -1,5 +1,10 @@
 """The autoencoder: encoder/decoder symmetry driven by ModelConfig."""
 
-from aeselect.model.autoencoder import Autoencoder, AutoencoderOutput
+from aeselect.model.autoencoder import (
+    Autoencoder,
+    AutoencoderOutput,
+    DiagonalGaussian,
+    count_parameters,
+)
 
-__all__ = ["Autoencoder", "AutoencoderOutput"]
+__all__ = ["Autoencoder", "AutoencoderOutput", "DiagonalGaussian", "count_parameters"]

@@ -23,7 +23,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from torch.distributions import Normal, kl_divergence
 from torchmetrics.classification import (
     BinaryF1Score,
     MulticlassAccuracy,
@@ -35,15 +34,12 @@ from torchmetrics.functional.image import (
 )
 
 from aeselect.imageops import EDGE_THRESHOLD, edge_map
-from aeselect.model.autoencoder import count_parameters
 
 __all__ = [
     "PSNR_CAP_DB",
     "AuxScore",
     "PeakMemory",
-    "count_parameters",
     "edge_f1",
-    "gaussian_kld",
     "high_frequency_psnr",
     "interpolation_quality",
     "latent_statistics",
@@ -204,18 +200,6 @@ class AuxScore:
 
     def compute(self) -> dict[str, float]:
         return {name: float(score.compute()) for name, score in self.scores.items()}
-
-
-def gaussian_kld(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """(N,) KL(N(mean, exp(logvar)) || N(0, 1)) per latent element, averaged over (C, h, w).
-
-    Averaged, not summed as in SD's VAE, so `loss.kl_weight` means the same for every latent
-    size; the batch mean of this is the training loss's KL term. Arguments are not validated,
-    so a diverged run yields NaN here instead of an exception.
-    """
-    posterior = Normal(mean.float(), torch.exp(0.5 * logvar.float()), validate_args=False)
-    prior = Normal(torch.zeros_like(posterior.loc), torch.ones_like(posterior.scale))
-    return kl_divergence(posterior, prior).flatten(1).mean(dim=1)
 
 
 def latent_statistics(latents: torch.Tensor, image_size: int | tuple[int, int]) -> dict:
