@@ -17,7 +17,7 @@ PACKAGE = ROOT / "src" / "aeselect"
 # Lowest first. A unit is a folder of the package or a top-level module.
 LAYERS = (
     ("config", "envvars", "paths", "dvc", "imageops"),  # foundations, standard library and yaml
-    ("model", "data", "runtime"),  # the network, the prepared data, the hardware
+    ("model", "data", "runtime", "sandbox"),  # network, prepared data, hardware; project copies
     ("scoring",),  # metrics, pictures and the val-set pass that training and evaluation share
     ("training", "evaluation", "handoff"),  # what the stages run
     ("stages",),  # the DVC stage entries

@@ -9,7 +9,6 @@ smoothness), cost (parameters, encode and decode throughput, peak memory) and th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -66,10 +65,8 @@ def _read_train_summary(path: Path) -> dict[str, Any]:
 def evaluate(cfg: Config, data: PreparedData, checkpoint: Path, live: Live) -> dict[str, Any]:
     """Metrics and the latent scale factor from fp32 outputs on every device (`Runtime.fp32`, no
     autocast, default layout), as the hand-off encodes, though training may have run in bf16."""
-    runtime = select_runtime(cfg.train)
-    with runtime.fp32():
-        plain = dataclasses.replace(runtime, bf16=False, channels_last=False)
-        return _evaluate(cfg, data, checkpoint, live, plain)
+    with select_runtime(cfg.train).fp32() as runtime:
+        return _evaluate(cfg, data, checkpoint, live, runtime)
 
 
 def _evaluate(

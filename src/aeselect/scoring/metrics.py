@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import resource
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from torch.utils.benchmark import Timer
 from torchmetrics.classification import (
     BinaryF1Score,
     MulticlassAccuracy,
@@ -267,35 +267,25 @@ def noise_robustness(
     return clean - noisy
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_throughput(
     fn: Callable[[torch.Tensor], object],
     batch: torch.Tensor,
     repeats: int = 10,
     device: torch.device | str = "cpu",
-    warmup: int = 2,
 ) -> float:
-    """Images per second of `fn(batch)` under inference mode, after `warmup` untimed calls.
+    """Images per second of `fn(batch)` under inference mode, the mean of `repeats` calls.
 
-    The warm-up absorbs one-off costs (cuDNN autotuning, allocator growth, compilation); CUDA
-    is synchronised around the timed loop because kernels run asynchronously.
+    torch.utils.benchmark.Timer makes 2 untimed warm-up calls first (they absorb cuDNN
+    autotuning, allocator growth, compilation) and synchronises the accelerator around the timed
+    calls, whose kernels run asynchronously; it runs on all of torch's threads, as evaluate does.
     """
-    device = torch.device(device)
     batch = batch.to(device)
+    timer = Timer(
+        "fn(batch)", globals={"fn": fn, "batch": batch}, num_threads=torch.get_num_threads()
+    )
     with torch.inference_mode():
-        for _ in range(warmup):
-            fn(batch)
-        _synchronize(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn(batch)
-        _synchronize(device)
-        elapsed = time.perf_counter() - start
-    return repeats * batch.shape[0] / elapsed
+        seconds = timer.timeit(repeats).mean
+    return batch.shape[0] / seconds
 
 
 @dataclass

@@ -176,7 +176,7 @@ def train(
     model, forward, optimizer = build_model(cfg, data.aux_classes, runtime)
     state = _start_state(resume_state, model, optimizer, snapshot)
     stop = StopRequest(announce=rank.is_main) if snapshot is not None else None
-    loader = _train_loader(cfg, data, state["step"], runtime)
+    loader = train_loader(cfg, data, state["step"], runtime)
     progress = tqdm(
         total=cfg.train.max_steps,
         initial=state["step"],
@@ -236,7 +236,7 @@ def _start_state(
     return {key: resume_state[key] for key in STATE_KEYS}
 
 
-def _train_loader(cfg: Config, data: PreparedData, start_step: int, runtime: Runtime):
+def train_loader(cfg: Config, data: PreparedData, start_step: int, runtime: Runtime):
     """The batches of steps start_step .. max_steps - 1, this rank's share of each."""
     sampler = StepBatchSampler(
         len(data.dataset("train")),
