@@ -1,4 +1,5 @@
-"""The autoencoder: encoder/decoder symmetry driven by ModelConfig."""
+"""The autoencoder (encoder/decoder symmetry driven by ModelConfig), its posterior and its
+checkpoints (`model.checkpoint`)."""
 
 from aeselect.model.autoencoder import (
     Autoencoder,
