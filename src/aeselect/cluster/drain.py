@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from aeselect.dvc import dvc_env, dvc_executable
-from aeselect.envvars import NNODES_ENV, NPROC_ENV, THREADS_ENV
+from aeselect.envvars import (
+    NNODES_ENV,
+    NPROC_ENV,
+    PIDFILE_ENV,
+    PREEMPTED_EXIT_CODE,
+    THREADS_ENV,
+)
+from aeselect.paths import HPC_LOG_DIR as LOG_DIR
 from aeselect.phases.experiments import (
     DRAIN_DIR,
     canonical_params,
@@ -43,9 +50,7 @@ from aeselect.phases.experiments import (
     recorded_sweep,
 )
 from aeselect.phases.spec import PhaseSpec
-from aeselect.training.resume import PIDFILE_ENV, PREEMPTED_EXIT_CODE
 
-LOG_DIR = Path("hpc/logs")
 ANOTHER_DRAINER_EXIT_CODE = 3
 POLL_SECONDS = 0.5
 
