@@ -1,10 +1,8 @@
-"""Shared helpers of the benchmarks: paths, statistics, figures, subprocesses, temp projects."""
+"""Shared helpers of the benchmarks: statistics, figures, timing, subprocesses, demo data."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -15,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SRC = ROOT / "src"
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
 
-VENV_BIN = Path(sys.executable).parent
+from aeselect.dvc import dvc_env, dvc_executable  # noqa: E402  (after the path set-up)
+
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "aeselect bench",
     "GIT_AUTHOR_EMAIL": "bench@aeselect.invalid",
@@ -34,7 +32,7 @@ class BenchError(RuntimeError):
 
 @dataclass
 class Stats:
-    """Median, min and max of repeated measurements."""
+    """Repeated measurements: the table shows their median, min and max."""
 
     values: list[float]
 
@@ -42,22 +40,9 @@ class Stats:
     def median(self) -> float:
         return statistics.median(self.values)
 
-    @property
-    def lo(self) -> float:
-        return min(self.values)
-
-    @property
-    def hi(self) -> float:
-        return max(self.values)
-
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "median": self.median,
-            "min": self.lo,
-            "max": self.hi,
-            "n": len(self.values),
-            "values": self.values,
-        }
+        values = self.values
+        return {"median": self.median, "min": min(values), "max": max(values), "n": len(values)}
 
 
 @dataclass
@@ -66,22 +51,17 @@ class Figure:
 
     bench: str
     name: str
-    stats: Stats | None
+    stats: Stats | None  # None: skipped, `note` says why
     unit: str
     target: str = ""
     ok: bool | None = None  # None: no target (informational)
     note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "bench": self.bench,
-            "name": self.name,
-            "unit": self.unit,
-            "target": self.target,
-            "ok": self.ok,
-            "note": self.note,
-            **(self.stats.as_dict() if self.stats else {}),
-        }
+        fields = {k: v for k, v in self.__dict__.items() if k != "stats"}
+        if self.stats is None:
+            return fields
+        return fields | self.stats.as_dict() | {"values": self.stats.values}
 
 
 @dataclass
@@ -92,9 +72,8 @@ class Result:
     details: dict[str, Any] = field(default_factory=dict)
 
     def add(self, *args: Any, **kwargs: Any) -> Figure:
-        figure = Figure(*args, **kwargs)
-        self.figures.append(figure)
-        return figure
+        self.figures.append(Figure(*args, **kwargs))
+        return self.figures[-1]
 
 
 def ratio_stats(numerators: Sequence[float], denominators: Sequence[float]) -> Stats:
@@ -112,15 +91,27 @@ def alternate(repeats: int, a: Callable[[], Any], b: Callable[[], Any]) -> tuple
     return results_a, results_b
 
 
+def mean_seconds(fn: Callable[[], object], number: int) -> float:
+    """Seconds per call, the mean of `number` calls after 2 warm-up calls, the accelerator
+    synchronised (torch.utils.benchmark.Timer), on all of torch's threads (Timer's default is 1)."""
+    import torch
+    from torch.utils.benchmark import Timer
+
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.timeit(number).mean
+
+
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Subprocess env: aeselect's dvc environment plus the bench's own Git identity."""
-    from aeselect.dvc import dvc_env
-
     return dvc_env({**GIT_IDENTITY, **(extra or {})})
+
+
+def dvc(*args: str) -> list[str]:
+    return [dvc_executable(), *args]
 
 
 def run_cmd(
@@ -144,11 +135,10 @@ def run_cmd(
             timeout=timeout,
         )
     except subprocess.TimeoutExpired as err:
-        tail = (err.stdout or b"")[-3000:]
-        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-        raise BenchError(
-            f"`{' '.join(args)}` timed out after {timeout:.0f} s in {cwd}:\n{tail}"
-        ) from None
+        tail = err.stdout or b""  # bytes even with text=True
+        tail = (tail.decode(errors="replace") if isinstance(tail, bytes) else tail)[-3000:]
+        message = f"`{' '.join(args)}` timed out after {timeout:.0f} s in {cwd}:\n{tail}"
+        raise BenchError(message) from None
     wall = time.perf_counter() - start
     if check and result.returncode != 0:
         raise BenchError(
@@ -158,33 +148,14 @@ def run_cmd(
     return wall, result
 
 
-def dvc(*args: str) -> list[str]:
-    beside = VENV_BIN / "dvc"
-    return [str(beside) if beside.exists() else (shutil.which("dvc") or "dvc"), *args]
+def make_project(directory: Path) -> Path:
+    """A committed Git+DVC copy of this project at the tests' TINY params (aeselect.sandbox)."""
+    from aeselect.sandbox import TINY, make_project
 
-
-def _load_conftest():
-    """tests/conftest.py as a module: its make_project and TINY are the project's one definition."""
-    path = ROOT / "tests" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_aeselect_tests_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def tiny_params() -> dict[str, Any]:
-    return dict(_load_conftest().TINY)
-
-
-def make_project(directory: Path, params: dict[str, Any]) -> tuple[Path, str]:
-    """A committed Git+DVC copy of this project, built by tests/conftest.py's make_project.
-
-    Returns (directory, which implementation built it). The Git identity comes from the env.
-    """
     for key, value in GIT_IDENTITY.items():
         os.environ.setdefault(key, value)
     os.environ["DVC_NO_ANALYTICS"] = "1"
-    return _load_conftest().make_project(directory, params), "tests/conftest.py:make_project"
+    return make_project(directory, TINY)
 
 
 def demo_config(overrides: dict[str, Any] | None = None):
@@ -203,10 +174,9 @@ def demo_data(workdir: Path):
         from aeselect.data.dataset import PreparedData
         from aeselect.data.prepare import prepare
 
-        cfg = demo_config()
         out = workdir / "demo_prepared"
         start = time.perf_counter()
-        prepare(cfg, out)
+        prepare(demo_config(), out)
         log(f"prepared the demo dataset in {time.perf_counter() - start:.1f} s ({out})")
         _PREPARED["data"] = PreparedData.load(out)
     return _PREPARED["data"]

@@ -1,15 +1,14 @@
-"""In-process benchmarks: matmul peak vs training FLOP/s, train vs bare loop, loader, throughput."""
+"""In-process benchmarks: matmul peak vs the training step's FLOP/s, train() vs a bare loop of
+the package's own step, loader vs step, evaluate and prepare throughput, DDP scaling."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from _common import (
@@ -21,23 +20,14 @@ from _common import (
     demo_config,
     demo_data,
     log,
+    mean_seconds,
     ratio_stats,
     run_cmd,
     tool_env,
 )
 
 # ---------------------------------------------------------------------------------------------
-# Hardware
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+# Benchmark 1: the machine's matmul peak against the training step's achieved FLOP/s
 
 
 def bf16_support(device: torch.device) -> tuple[bool, str]:
@@ -45,7 +35,12 @@ def bf16_support(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
         return ok, f"torch.cuda.is_bf16_supported() = {ok}"
-    units = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    units = sorted(set(flags) & {"avx512_bf16", "amx_bf16"})
     try:
         onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -55,282 +50,127 @@ def bf16_support(device: torch.device) -> tuple[bool, str]:
     return False, "no avx512_bf16/amx_bf16 CPU flag (or no oneDNN bf16): bf16 peak skipped"
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def matmul_peaks(device: torch.device, rounds: int, bf16: bool) -> dict[str, list[float]]:
+    """FLOP/s of square matmuls per round, best size, precisions interleaved."""
+    sizes = [4096, 8192] if device.type == "cuda" else [1024, 2048]
+    repeats = 20 if device.type == "cuda" else 4
+    dtypes = {"fp32": torch.float32} | ({"bf16": torch.bfloat16} if bf16 else {})
+    peaks: dict[str, list[float]] = {name: [] for name in dtypes}
+    for _ in range(rounds):
+        for name, dtype in dtypes.items():
+            peaks[name].append(max(matmul_flops(n, dtype, device, repeats) for n in sizes))
+    return peaks
 
 
 def matmul_flops(n: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
-    """FLOP/s of one n x n x n matmul, the mean over `repeats` back-to-back calls."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
-
-
-# ---------------------------------------------------------------------------------------------
-# One training step, exactly the loop's math (aeselect.training.loop.train) without the loop.
+    """FLOP/s of one n x n x n matmul, the mean over `repeats` calls."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * n**3 / mean_seconds(lambda: a @ b, repeats)
 
 
 class StepRunner:
-    """Model, optimiser and one fixed batch; `step()` is one training step as train() does it."""
+    """The package's training step (`aeselect.training.loop.train_step`) on one fixed batch."""
 
-    def __init__(self, cfg, data, autocast_bf16: bool | None = None):
+    def __init__(self, cfg, data, bf16: bool | None = None):
+        from dataclasses import replace
+
         from aeselect.data.dataset import StepBatchSampler, make_loader, to_model_input
-        from aeselect.model import Autoencoder
         from aeselect.runtime import seed_everything, select_runtime
+        from aeselect.training.loop import build_model
 
-        self.cfg, self.runtime = cfg, select_runtime(cfg.train)
+        runtime = select_runtime(cfg.train)
+        self.cfg, self.runtime = cfg, runtime if bf16 is None else replace(runtime, bf16=bf16)
         seed_everything(cfg.train.seed)
-        device = self.runtime.device
-        self.model = Autoencoder(cfg.model, data.aux_classes).to(device)
-        if self.runtime.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=cfg.train.lr,
-            betas=(0.9, 0.99),
-            weight_decay=cfg.train.weight_decay,
-            fused=device.type == "cuda",
-        )
+        self.model, self.forward, self.optimizer = build_model(cfg, data.aux_classes, runtime)
         train_set = data.dataset("train")
         sampler = StepBatchSampler(len(train_set), cfg.train.batch_size, cfg.train.seed, 0, 1)
         raw = next(iter(make_loader(train_set, batch_sampler=sampler)))
-        self.images, self.targets = to_model_input(*raw, device, self.runtime.channels_last)
-        bf16 = self.runtime.bf16 if autocast_bf16 is None else autocast_bf16
-        self.bf16 = bf16
-        self.autocast = (
-            (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16))
-            if bf16
-            else contextlib.nullcontext
-        )
-
-    def forward_backward(self) -> torch.Tensor:
-        from aeselect.training.loss import compute_loss
-
-        with self.autocast():
-            out = self.model(self.images)
-        loss, _ = compute_loss(out, self.images, self.targets, self.cfg.loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        return loss
+        self.batch = to_model_input(*raw, runtime.device, runtime.channels_last)
 
     def step(self) -> None:
-        self.forward_backward()
-        if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
+        from aeselect.training.loop import train_step
+
+        model, optimizer = self.model, self.optimizer
+        train_step(self.forward, model, optimizer, *self.batch, 0, self.cfg, self.runtime)
+
+    def seconds(self, steps: int) -> float:
+        return mean_seconds(self.step, steps)
 
     def flops(self) -> int:
+        """Forward + backward FLOPs (the optimiser's elementwise ops count 0)."""
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:
-            self.forward_backward()
-        return counter.get_total_flops()
-
-    def time_steps(self, steps: int) -> float:
-        """Seconds per step, mean of `steps` steps (device synchronised)."""
-        sync(self.runtime.device)
-        start = time.perf_counter()
-        for _ in range(steps):
             self.step()
-        sync(self.runtime.device)
-        return (time.perf_counter() - start) / steps
+        return counter.get_total_flops()
 
 
 def bench_matmul(workdir: Path, quick: bool) -> Result:
-    """Benchmark 1: matmul peak (fp32, bf16 where supported) and the step's FLOP/s against it."""
     res = Result()
     cfg = demo_config()
     data = demo_data(workdir)
     step = StepRunner(cfg, data)
     device = step.runtime.device
-    rounds = 3 if quick else 7
-    sizes = [4096, 8192] if device.type == "cuda" else [1024, 2048]
-    mm_repeats = 20 if device.type == "cuda" else 4
+    rounds, steps = (3, 5) if quick else (7, 10)
     bf16_ok, bf16_why = bf16_support(device)
     res.details["bf16"] = {"supported": bf16_ok, "why": bf16_why}
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # true fp32 peak; the loop uses bf16
-
-    # The machine peak: best size, median over rounds; fp32 and bf16 interleaved per round.
-    peaks: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    for _ in range(rounds):
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            if name == "bf16" and not bf16_ok:
-                continue
-            peaks[name].append(max(matmul_flops(n, dtype, device, mm_repeats) for n in sizes))
-    fp32_peak = Stats(peaks["fp32"])
-    res.add(
-        "matmul",
-        f"matmul peak fp32 ({device.type})",
-        Stats([v / 1e9 for v in peaks["fp32"]]),
-        "GFLOP/s",
-        note=f"n in {sizes}, best size per round",
-    )
-    if bf16_ok:
-        res.add(
-            "matmul",
-            f"matmul peak bf16 ({device.type})",
-            Stats([v / 1e9 for v in peaks["bf16"]]),
-            "GFLOP/s",
-            note=bf16_why,
-        )
-    else:
+    peaks = matmul_peaks(device, rounds, bf16_ok)
+    for name, values in peaks.items():
+        gflops = Stats([v / 1e9 for v in values])
+        note = bf16_why if name == "bf16" else "best square size per round"
+        res.add("matmul", f"matmul peak {name} ({device.type})", gflops, "GFLOP/s", note=note)
+    if not bf16_ok:
         res.add("matmul", "matmul peak bf16", None, "GFLOP/s", note=bf16_why)
 
-    # The training step at demo params: FLOPs counted once, time measured per round.
     flops = step.flops()
     res.details["step_flops"] = flops
-    steps_per_round = 5 if quick else 10
-    for _ in range(3):
-        step.step()  # warm-up: oneDNN primitives, allocator
-    alt = None
-    if device.type == "cpu" and bf16_ok:
-        # Informational: the same step under CPU bf16 autocast (train() runs fp32 on the CPU).
-        alt = StepRunner(cfg, data, autocast_bf16=True)
-        for _ in range(3):
-            alt.step()
-        fp32_times, bf16_times = alternate(
-            rounds,
-            lambda: step.time_steps(steps_per_round),
-            lambda: alt.time_steps(steps_per_round),
+    # On a CPU with bf16 units, also the same step under CPU bf16 autocast (train() runs fp32).
+    alt = StepRunner(cfg, data, bf16=True) if device.type == "cpu" and bf16_ok else None
+    if alt:
+        times, alt_times = alternate(
+            rounds, lambda: step.seconds(steps), lambda: alt.seconds(steps)
         )
     else:
-        fp32_times = [step.time_steps(steps_per_round) for _ in range(rounds)]
-        bf16_times = []
-    step_name = "bf16 autocast" if step.bf16 else "fp32"
-    res.add(
-        "matmul",
-        f"train step ({step_name}), demo params",
-        Stats([t * 1e3 for t in fp32_times]),
-        "ms/step",
-        note=f"{flops / 1e9:.2f} GFLOP fwd+bwd per step (FlopCounterMode)",
-    )
-    achieved = Stats([flops / t / 1e9 for t in fp32_times])
-    res.add("matmul", "train step achieved", achieved, "GFLOP/s")
-    peak_for_step = peaks["bf16"] if step.bf16 else peaks["fp32"]
-    fraction = ratio_stats([flops / t for t in fp32_times], peak_for_step[: len(fp32_times)])
-    fraction = Stats([v * 100 for v in fraction.values])
-    res.add(
-        "matmul",
-        f"train step / {'bf16' if step.bf16 else 'fp32'} matmul peak",
-        fraction,
-        "%",
-        target=">= 70%",
-        ok=fraction.median >= 70,
-    )
-    res.details["fp32_peak_median_gflops"] = fp32_peak.median / 1e9
-    if alt is not None:
-        speedup = ratio_stats(fp32_times, bf16_times)
-        res.add(
-            "matmul",
-            "step fp32 / step bf16 autocast (CPU, info)",
-            speedup,
-            "x",
-            note="train() runs fp32 on the CPU (runtime.select_runtime)",
-        )
-        bf16_frac = ratio_stats([flops / t for t in bf16_times], peaks["bf16"][: len(bf16_times)])
-        res.add(
-            "matmul",
-            "step bf16 autocast / bf16 matmul peak (info)",
-            Stats([v * 100 for v in bf16_frac.values]),
-            "%",
-        )
-    breakdown = op_breakdown(step)
-    res.details["breakdown"] = breakdown
-    conv_share = breakdown["conv_share_of_self_cpu_time"]
-    res.add(
-        "matmul",
-        "conv ops' share of step time (profiler)",
-        Stats([conv_share * 100]),
-        "%",
-        note="the rest: GroupNorm, SiLU, elementwise, optimiser (0 FLOPs counted)",
-    )
-    conv_only = [
-        flops / (t * conv_share) / p * 100 for t, p in zip(fp32_times, peak_for_step, strict=False)
-    ]
-    res.add("matmul", "conv ops alone / matmul peak (estimate)", Stats(conv_only), "%")
+        times, alt_times = [step.seconds(steps) for _ in range(rounds)], []
+    precision = "bf16" if step.runtime.bf16 else "fp32"
+    per_step = Stats([t * 1e3 for t in times])
+    note = f"{flops / 1e9:.2f} GFLOP fwd+bwd per step (FlopCounterMode)"
+    res.add("matmul", f"train step ({precision}), demo params", per_step, "ms/step", note=note)
+    res.add("matmul", "train step achieved", Stats([flops / t / 1e9 for t in times]), "GFLOP/s")
+    fraction = Stats([100 * flops / t / p for t, p in zip(times, peaks[precision], strict=True)])
+    name, ok = f"train step / {precision} matmul peak", fraction.median >= 70
+    res.add("matmul", name, fraction, "%", target=">= 70%", ok=ok)
+    if alt:
+        speedup = ratio_stats(times, alt_times)
+        note = "train() runs fp32 on the CPU (runtime.select_runtime)"
+        res.add("matmul", "step fp32 / step bf16 autocast (CPU, info)", speedup, "x", note=note)
+        bf16_fraction = [100 * flops / t / p for t, p in zip(alt_times, peaks["bf16"], strict=True)]
+        res.add("matmul", "step bf16 autocast / bf16 matmul peak (info)", Stats(bf16_fraction), "%")
     return res
 
 
-@contextlib.contextmanager
-def quiet_stderr():
-    """Silence fd 2 (the profiler's C++ start/stop chatter), restoring it afterwards."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def op_breakdown(step: StepRunner, steps: int = 3) -> dict[str, Any]:
-    """Share of the step's CPU time per op (self time): where a low FLOP/s fraction comes from."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    if step.runtime.device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with quiet_stderr(), profile(activities=activities) as prof:
-        for _ in range(steps):
-            step.step()
-        sync(step.runtime.device)
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events) or 1
-    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
-    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
-    return {
-        "conv_share_of_self_cpu_time": conv / total,
-        "top_ops_share_of_self_cpu_time": {
-            e.key: round(e.self_cpu_time_total / total, 4) for e in top
-        },
-    }
-
-
 # ---------------------------------------------------------------------------------------------
-# Benchmark 2: the train stage against a bare loop
+# Benchmark 2: the train stage against a bare loop of the same steps
 
 
 def bare_train(cfg, data) -> float:
-    """Same model, data order, steps, optimiser, lr schedule and clipping; nothing else."""
-    from aeselect.data.dataset import StepBatchSampler, make_loader, to_model_input
+    """Wall seconds of train()'s model, batches and `train_step`, without logging, evaluation,
+    checkpoints or preemption checks."""
+    from aeselect.data.dataset import to_model_input
     from aeselect.runtime import seed_everything, select_runtime
-    from aeselect.training.loop import build_model, lr_at
-    from aeselect.training.loss import compute_loss
+    from aeselect.training.loop import build_model, train_loader, train_step
 
     start = time.perf_counter()
     runtime = select_runtime(cfg.train)
     seed_everything(cfg.train.seed)
     model, forward, optimizer = build_model(cfg, data.aux_classes, runtime)
-    train_set = data.dataset("train")
-    sampler = StepBatchSampler(
-        len(train_set), cfg.train.batch_size, cfg.train.seed, 0, cfg.train.max_steps
-    )
-    loader = make_loader(train_set, batch_sampler=sampler, num_workers=cfg.train.num_workers)
     model.train()
-    for step, raw in enumerate(loader):
-        images, targets = to_model_input(*raw, runtime.device, runtime.channels_last)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        with runtime.autocast():
-            out = forward(images)
-        loss, _ = compute_loss(out, images, targets, cfg.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-    sync(runtime.device)
+    for step, raw in enumerate(train_loader(cfg, data, 0, runtime)):
+        batch = to_model_input(*raw, runtime.device, runtime.channels_last)
+        terms = train_step(forward, model, optimizer, *batch, step, cfg, runtime)
+    float(terms["total"])  # waits for the device
     return time.perf_counter() - start
 
 
@@ -349,41 +189,26 @@ def bench_train(workdir: Path, quick: bool) -> Result:
     res = Result()
     # Default intervals (eval_every 100, log_every 10); 100 steps keep the evals-per-step rate
     # of the 300-step demo (3 evals) at a third of the time. --quick: 20 steps, eval at 20.
-    overrides = (
-        {"train.max_steps": 20, "train.eval_every": 20} if quick else {"train.max_steps": 100}
-    )
-    cfg = demo_config(overrides)
+    steps = {"train.max_steps": 20, "train.eval_every": 20} if quick else {"train.max_steps": 100}
+    cfg = demo_config(steps)
     data = demo_data(workdir)
-    repeats = 1 if quick else 2  # ABBA: 2 pairs; each run is ~25 s at demo params
     runs: list[tuple[float, float]] = []
 
     def staged() -> float:
-        directory = workdir / f"train_stage_{len(runs)}"
-        wall, loop_s = stage_train(cfg, data, directory)
-        runs.append((wall, loop_s))
-        return wall
+        runs.append(stage_train(cfg, data, workdir / f"train_stage_{len(runs)}"))
+        return runs[-1][0]
 
     bare_train(demo_config({"train.max_steps": 5}), data)  # warm-up (oneDNN, allocator)
-    stage_walls, bare_walls = alternate(repeats, staged, lambda: bare_train(cfg, data))
-    steps = cfg.train.max_steps
-    res.add(
-        "train",
-        f"train() stage, {steps} steps",
-        Stats(stage_walls),
-        "s",
-        note=f"eval+checkpoint every {cfg.train.eval_every}, log every {cfg.train.log_every}",
-    )
-    res.add("train", f"bare loop, {steps} steps", Stats(bare_walls), "s")
+    stage_walls, bare_walls = alternate(1 if quick else 2, staged, lambda: bare_train(cfg, data))
+    n, t = cfg.train.max_steps, cfg.train
+    note = f"eval+checkpoint every {t.eval_every}, log every {t.log_every}"
+    res.add("train", f"train() stage, {n} steps", Stats(stage_walls), "s", note=note)
+    res.add("train", f"bare loop, {n} steps", Stats(bare_walls), "s")
     ratio = ratio_stats(stage_walls, bare_walls)
     res.add("train", "train() / bare loop", ratio, "x", target="<= 1.10x", ok=ratio.median <= 1.10)
     outside = Stats([wall - loop for wall, loop in runs])
-    res.add(
-        "train",
-        "train() time outside its train_time_s",
-        outside,
-        "s",
-        note="eval + checkpoints + dvclive + setup",
-    )
+    note = "eval + checkpoints + dvclive + setup"
+    res.add("train", "train() time outside its train_time_s", outside, "s", note=note)
     res.details["train_time_s"] = [loop for _, loop in runs]
     return res
 
@@ -392,48 +217,35 @@ def bench_train(workdir: Path, quick: bool) -> Result:
 # Benchmark 3: the data loader against the step's consumption
 
 
-def loader_images_per_s(cfg, data, batches: int) -> float:
-    from aeselect.data.dataset import StepBatchSampler, make_loader, to_model_input
+def loader_images_per_s(cfg, data) -> float:
+    """Images/s of train()'s loader and device transfer over `train.max_steps` batches."""
+    from aeselect.data.dataset import to_model_input
     from aeselect.runtime import select_runtime
+    from aeselect.training.loop import train_loader
 
     runtime = select_runtime(cfg.train)
-    train_set = data.dataset("train")
-    sampler = StepBatchSampler(len(train_set), cfg.train.batch_size, cfg.train.seed, 0, batches)
-    loader = make_loader(
-        train_set,
-        batch_sampler=sampler,
-        num_workers=cfg.train.num_workers,
-        pin_memory=runtime.device.type == "cuda",
-    )
     start = time.perf_counter()
     count = 0
-    for raw in loader:
+    for raw in train_loader(cfg, data, 0, runtime):
         images, _ = to_model_input(*raw, runtime.device, runtime.channels_last)
         count += len(images)
-    sync(runtime.device)
+    float(images.sum())  # waits for the device
     return count / (time.perf_counter() - start)
 
 
 def bench_loader(workdir: Path, quick: bool) -> Result:
     res = Result()
-    cfg = demo_config()
+    rounds, batches, steps = (3, 100, 5) if quick else (7, 400, 10)
+    cfg = demo_config({"train.max_steps": batches})
     data = demo_data(workdir)
     step = StepRunner(cfg, data)
-    for _ in range(3):
-        step.step()
-    rounds, batches, steps = (3, 100, 5) if quick else (7, 400, 10)
-    batch = cfg.train.batch_size
     loads, step_times = alternate(
-        rounds, lambda: loader_images_per_s(cfg, data, batches), lambda: step.time_steps(steps)
+        rounds, lambda: loader_images_per_s(cfg, data), lambda: mean_seconds(step.step, steps)
     )
+    batch = cfg.train.batch_size
+    note = f"{batches} batches of {batch}, num_workers={cfg.train.num_workers}"
+    res.add("loader", "loader + to_model_input", Stats(loads), "images/s", note=note)
     consumes = [batch / t for t in step_times]
-    res.add(
-        "loader",
-        "loader + to_model_input",
-        Stats(loads),
-        "images/s",
-        note=f"{batches} batches of {batch}, num_workers={cfg.train.num_workers}",
-    )
     res.add("loader", "train step consumption", Stats(consumes), "images/s")
     ratio = ratio_stats(loads, consumes)
     res.add("loader", "loader / step", ratio, "x", target=">= 10x", ok=ratio.median >= 10)
@@ -444,66 +256,49 @@ def bench_loader(workdir: Path, quick: bool) -> Result:
 # Benchmark 6: evaluate and prepare throughput
 
 
-def _fake_checkpoint(cfg, data, models_dir: Path) -> None:
+def untrained_checkpoint(cfg, data, path: Path) -> None:
     """best.pt of an untrained model: evaluation cost does not depend on the weights."""
     from aeselect.model import Autoencoder
-    from aeselect.training.checkpoint import BEST, save_checkpoint
+    from aeselect.model.checkpoint import save_checkpoint
 
     torch.manual_seed(cfg.train.seed)
     model = Autoencoder(cfg.model, data.aux_classes)
-    save_checkpoint(
-        models_dir / BEST,
-        model=model.state_dict(),
-        step=0,
-        val_mse=1.0,
-        config=cfg.to_dict(),
-        aux_task=data.aux_task,
-        aux_classes=data.aux_classes,
-    )
-
-
-class _Timed:
-    """Wrap a module function to add up its wall time (the bench's view into evaluate())."""
-
-    def __init__(self, module, name: str):
-        self.module, self.name, self.fn, self.seconds = module, name, getattr(module, name), 0.0
-
-    def __enter__(self):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return self.fn(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-
-        setattr(self.module, self.name, timed)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        setattr(self.module, self.name, self.fn)
+    weights, aux = model.state_dict(), {"aux_task": data.aux_task, "aux_classes": data.aux_classes}
+    save_checkpoint(path, model=weights, step=0, val_mse=1.0, config=cfg.to_dict(), **aux)
 
 
 def evaluate_once(cfg, data, directory: Path) -> tuple[float, float]:
-    """evaluate() as the stage runs it (cwd = a project dir): (wall s, s in _cost+_smoothness)."""
-    import aeselect.evaluation.evaluate as module
-    from aeselect.evaluation.evaluate import evaluate
+    """evaluate() as the stage runs it (cwd = a project dir), and its fixed-cost parts (`cost`,
+    `smoothness`) timed alone on the same first val batch: (wall s, fixed-cost s)."""
+    from aeselect import paths
+    from aeselect.evaluation.evaluate import cost, evaluate, smoothness
+    from aeselect.model.checkpoint import load_checkpoint, model_from_checkpoint
+    from aeselect.runtime import select_runtime
+    from aeselect.scoring.validation import val_batches
     from aeselect.stages import open_live
 
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "results" / "train").mkdir(parents=True, exist_ok=True)
-    (directory / "results" / "train" / "metrics.json").write_text(json.dumps({"stability": {}}))
-    _fake_checkpoint(cfg, data, directory / "models")
     previous = Path.cwd()
     os.chdir(directory)  # evaluate() reads results/train and writes results/evaluate there
     try:
-        with _Timed(module, "_cost") as cost, _Timed(module, "_smoothness") as smooth:
+        paths.TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
+        paths.TRAIN_METRICS.write_text(json.dumps({"stability": {}}))
+        untrained_checkpoint(cfg, data, paths.BEST_CHECKPOINT)
+        start = time.perf_counter()
+        with open_live(paths.EVALUATE_LIVE_DIR) as live:
+            evaluate(cfg, data, paths.BEST_CHECKPOINT, live)
+        wall = time.perf_counter() - start
+        model, _ = model_from_checkpoint(load_checkpoint(paths.BEST_CHECKPOINT))
+        with select_runtime(cfg.train).fp32() as runtime, torch.no_grad():
+            model = model.to(runtime.device)
+            batch = next(val_batches(model, data, cfg.evaluate.batch_size, runtime))
             start = time.perf_counter()
-            with open_live(Path("results/evaluate")) as live:
-                evaluate(cfg, data, Path("models"), live)
-            wall = time.perf_counter() - start
+            cost(model, batch.images, runtime)
+            smoothness(model, batch, cfg.seed)
+            fixed = time.perf_counter() - start
     finally:
         os.chdir(previous)
-    return wall, cost.seconds + smooth.seconds
+    return wall, fixed
 
 
 def make_image_folder(directory: Path, count: int, size: int) -> dict[str, int]:
@@ -513,16 +308,11 @@ def make_image_folder(directory: Path, count: int, size: int) -> dict[str, int]:
     from aeselect.data.synthetic import generate_scenes
 
     generate_scenes(directory, count, size, 5, seed=1)
-    kinds = {"png": 0, "jpeg": 0}
-    for i, path in enumerate(sorted((directory / "images").glob("*.png"))):
-        if i % 2:
-            with Image.open(path) as image:
-                image.convert("RGB").save(path.with_suffix(".jpg"), quality=92)
-            path.unlink()
-            kinds["jpeg"] += 1
-        else:
-            kinds["png"] += 1
-    return kinds
+    for path in sorted((directory / "images").glob("*.png"))[1::2]:
+        with Image.open(path) as image:
+            image.convert("RGB").save(path.with_suffix(".jpg"), quality=92)
+        path.unlink()
+    return {"png": (count + 1) // 2, "jpeg": count // 2}
 
 
 def prepare_once(folder: Path, out: Path, image_size: int) -> float:
@@ -539,10 +329,9 @@ def prepare_once(folder: Path, out: Path, image_size: int) -> float:
     start = time.perf_counter()
     summary = prepare(cfg, out)
     wall = time.perf_counter() - start
-    count = summary.num_train + summary.num_val
     if summary.num_rejected:
         raise BenchError(f"prepare rejected {summary.num_rejected} bench images: see {out}")
-    return count / wall
+    return (summary.num_train + summary.num_val) / wall
 
 
 def bench_throughput(workdir: Path, quick: bool) -> Result:
@@ -552,27 +341,13 @@ def bench_throughput(workdir: Path, quick: bool) -> Result:
     rounds = 2 if quick else 3
     runs = [evaluate_once(cfg, data, workdir / f"evaluate_{r}") for r in range(rounds + 1)][1:]
     val = len(data.split_indices("val"))
-    res.add(
-        "throughput",
-        "evaluate() on the val split",
-        Stats([val / w for w, _ in runs]),
-        "images/s",
-        note=f"{val} val images, demo params, first run discarded",
-    )
-    res.add(
-        "throughput",
-        "  share in _cost + _smoothness (fixed cost)",
-        Stats([100 * c / w for w, c in runs]),
-        "%",
-        note="throughput timing + latent probes: constant, not per image",
-    )
-    res.add(
-        "throughput",
-        "evaluate() per-image part",
-        Stats([val / (w - c) for w, c in runs]),
-        "images/s",
-        note="wall minus _cost and _smoothness",
-    )
+    rate, fixed = Stats([val / w for w, _ in runs]), Stats([100 * c / w for w, c in runs])
+    note = f"{val} val images, demo params, first run discarded"
+    res.add("throughput", "evaluate() on the val split", rate, "images/s", note=note)
+    note = "throughput timing + latent probes: constant, not per image"
+    res.add("throughput", "  share in cost + smoothness (fixed cost)", fixed, "%", note=note)
+    per_image, note = Stats([val / (w - c) for w, c in runs]), "wall minus cost and smoothness"
+    res.add("throughput", "evaluate() per-image part", per_image, "images/s", note=note)
 
     count = 16 if quick else 48
     folder = workdir / "raw512"
@@ -586,10 +361,8 @@ def bench_throughput(workdir: Path, quick: bool) -> Result:
         lambda: prepare_once(folder, workdir / "prepared64", 64),
     )
     note = f"{kinds['png']} PNG + {kinds['jpeg']} JPEG 512x512, PNG masks, {os.cpu_count()} cpus"
-    res.add(
-        "throughput", "prepare() 512px -> 512 (real study)", Stats(at512), "images/s", note=note
-    )
-    res.add("throughput", "prepare() 512px -> 64 (demo size)", Stats(at64), "images/s")
+    res.add("throughput", "prepare() 512px -> 512 (real study)", Stats(at512), "img/s", note=note)
+    res.add("throughput", "prepare() 512px -> 64 (demo size)", Stats(at64), "img/s")
     return res
 
 
@@ -600,18 +373,20 @@ def bench_throughput(workdir: Path, quick: bool) -> Result:
 def train_stage_images_per_s(workspace: Path, processes: int, threads: int) -> float:
     """`python -m aeselect train` as `processes` ranks; the images/s it logs (no eval time)."""
     from aeselect.envvars import NPROC_ENV, THREADS_ENV
+    from aeselect.paths import MODELS_DIR, TRAIN_LIVE_DIR, TRAIN_METRICS
 
-    shutil.rmtree(workspace / "results", ignore_errors=True)
-    shutil.rmtree(workspace / "models", ignore_errors=True)
+    shutil.rmtree(workspace / TRAIN_LIVE_DIR, ignore_errors=True)
+    shutil.rmtree(workspace / MODELS_DIR, ignore_errors=True)
     env = {"PYTHONPATH": str(ROOT / "src"), NPROC_ENV: str(processes), THREADS_ENV: str(threads)}
     run_cmd([sys.executable, "-m", "aeselect", "train"], workspace, timeout=1200, env=tool_env(env))
-    return json.loads((workspace / "results/train/metrics.json").read_text())["images_per_s"]
+    return json.loads((workspace / TRAIN_METRICS).read_text())["images_per_s"]
 
 
 def bench_ddp(workdir: Path, quick: bool) -> Result:
     import yaml
 
     from aeselect.config import apply_overrides, read_yaml
+    from aeselect.paths import PREPARED_DIR
 
     res = Result()
     gpus = torch.cuda.device_count()
@@ -620,11 +395,12 @@ def bench_ddp(workdir: Path, quick: bool) -> Result:
     ideal = processes if gpus else 1
     cores = len(os.sched_getaffinity(0))
     steps = 20 if quick else 100
-    overrides = {"train.max_steps": steps, "train.eval_every": steps}
     workspace = workdir / "ddp"
-    (workspace / "data").mkdir(parents=True)
-    (workspace / "data/prepared").symlink_to(demo_data(workdir).directory.resolve())
-    raw = apply_overrides(read_yaml(ROOT / "params.yaml"), overrides)
+    (workspace / PREPARED_DIR).parent.mkdir(parents=True)
+    (workspace / PREPARED_DIR).symlink_to(demo_data(workdir).directory.resolve())
+    raw = apply_overrides(
+        read_yaml(ROOT / "params.yaml"), {"train.max_steps": steps, "train.eval_every": steps}
+    )
     (workspace / "params.yaml").write_text(yaml.safe_dump(raw))
     single, multi = alternate(
         1 if quick else 2,
@@ -638,11 +414,6 @@ def bench_ddp(workdir: Path, quick: bool) -> Result:
         per_gpu = Stats([value / processes for value in multi])
         res.add("ddp", f"  per GPU, {processes} processes", per_gpu, "img/s")
     efficiency = Stats([m / (s * ideal) for m, s in zip(multi, single, strict=True)])
-    res.add(
-        "ddp",
-        "scaling efficiency",
-        efficiency,
-        "x",
-        note=f"speed-up / {ideal} (ideal); batch {raw['train']['batch_size']}, {steps} steps",
-    )
+    note = f"speed-up / {ideal} (ideal); batch {raw['train']['batch_size']}, {steps} steps"
+    res.add("ddp", "scaling efficiency", efficiency, "x", note=note)
     return res

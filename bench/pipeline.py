@@ -12,24 +12,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from _common import (
-    BenchError,
-    Result,
-    Stats,
-    dvc,
-    log,
-    make_project,
-    run_cmd,
-    tiny_params,
-    tool_env,
-)
+from _common import ROOT, BenchError, Result, Stats, dvc, log, make_project, run_cmd, tool_env
 
+from aeselect.envvars import THREADS_ENV
+from aeselect.paths import TRAIN_METRICS
+from aeselect.phases.experiments import queue_states
+
+LOG_ENV = "AESELECT_BENCH_LOG"
 SHIM = """#!/bin/sh
 # aeselect bench: time stage commands (python -m aeselect.stages STAGE) as DVC runs them.
 start=$(date +%s.%N)
@@ -39,9 +34,9 @@ end=$(date +%s.%N)
 case "$*" in
   *"-m aeselect"*)
     stage=$3
-    echo "$start $end $rc $stage ${{AESELECT_NUM_THREADS:-}} $$" >> "$AESELECT_BENCH_LOG"
-    if [ "$stage" = train ] && [ -f results/train/metrics.json ]; then
-      cp results/train/metrics.json "$AESELECT_BENCH_LOG.train.$$.json"
+    echo "$start $end $rc $stage ${{{threads}:-}} $$" >> "${log}"
+    if [ "$stage" = train ] && [ -f {metrics} ]; then
+      cp {metrics} "${log}.train.$$.json"
     fi;;
 esac
 exit $rc
@@ -56,7 +51,10 @@ class StageLog:
         self.shim_dir = directory / "shim"
         self.shim_dir.mkdir(exist_ok=True)
         shim = self.shim_dir / "python"
-        shim.write_text(SHIM.format(python=sys.executable))
+        script = SHIM.format(
+            python=sys.executable, threads=THREADS_ENV, log=LOG_ENV, metrics=TRAIN_METRICS
+        )
+        shim.write_text(script)
         shim.chmod(0o755)
         self.path = directory / "stages.log"
         self.clear()
@@ -69,7 +67,7 @@ class StageLog:
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = tool_env(extra)
         env["PATH"] = f"{self.shim_dir}{os.pathsep}{env['PATH']}"
-        env["AESELECT_BENCH_LOG"] = str(self.path)
+        env[LOG_ENV] = str(self.path)
         return env
 
     def read(self) -> dict[str, Any]:
@@ -104,92 +102,60 @@ def _empty_repo(directory: Path) -> Path:
     return directory
 
 
-def _ran_stages(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
+def tiny_experiments(project: Path, empty: Path, stage_log: StageLog, repeats: int) -> dict:
+    """Per repeat: both floors, then one tiny `dvc exp run --temp` with its stages timed."""
+    floors: dict[str, list[float]] = {"workspace": [], "temp": []}
+    runs = []
+    for r in range(repeats):
+        for mode, args in (("workspace", []), ("temp", ["--temp"])):
+            wall, out = run_cmd(dvc("exp", "run", *args), empty, timeout=120)
+            if "noop" not in out.stdout:
+                raise BenchError(f"empty stage did not run:\n{out.stdout[-2000:]}")
+            floors[mode].append(wall)
+        stage_log.clear()
+        lr = f"train.lr={0.002 + 0.0001 * (r + 1):.4f}"
+        wall, out = run_cmd(
+            dvc("exp", "run", "--temp", "-S", lr), project, timeout=300, env=stage_log.env()
+        )
+        info = stage_log.read()
+        ran = re.findall(r"Running stage '([^']+)'", out.stdout)
+        if "train" not in ran or not info["train_metrics"]:
+            raise BenchError(f"train did not run in the experiment (ran {ran}):\n{out.stdout}")
+        runs.append({"wall": wall, "ran": ran, **info})
+    return {"floors": floors, "runs": runs}
 
 
 def bench_dvc(workdir: Path, quick: bool) -> Result:
     """Benchmark 4: DVC's overhead per tiny experiment (--temp) against its floor."""
     res = Result()
-    tiny = tiny_params()
-    project, how = make_project(workdir / "dvc_project", tiny)
+    project = make_project(workdir / "dvc_project")
     empty = _empty_repo(workdir / "dvc_empty")
     stage_log = StageLog(workdir / "dvc_log")
-    res.details["project"] = {"built_by": how, "params": tiny}
-    repeats = 2 if quick else 3
-
-    def floor(mode: list[str]) -> float:
-        wall, out = run_cmd(dvc("exp", "run", *mode), empty, timeout=120)
-        if "noop" not in out.stdout:
-            raise BenchError(f"empty stage did not run:\n{out.stdout[-2000:]}")
-        return wall
-
     version, _ = run_cmd(dvc("--version"), empty, timeout=60)
     # Warm-up: the first experiment also runs `prepare` (then restored from the run cache).
-    run_cmd(
-        dvc("exp", "run", "--temp", "-S", "train.lr=0.00205"),
-        project,
-        timeout=300,
-        env=stage_log.env(),
-    )
-    floors_ws, floors_temp, walls, stage_sums, loops, runs = [], [], [], [], [], []
-    for r in range(repeats):
-        floors_ws.append(floor([]))
-        floors_temp.append(floor(["--temp"]))
-        stage_log.clear()
-        lr = f"{0.002 + 0.0001 * (r + 1):.4f}"
-        wall, out = run_cmd(
-            dvc("exp", "run", "--temp", "-S", f"train.lr={lr}"),
-            project,
-            timeout=300,
-            env=stage_log.env(),
-        )
-        info = stage_log.read()
-        ran = _ran_stages(out.stdout)
-        if "train" not in ran or not info["train_metrics"]:
-            raise BenchError(f"train did not run in the experiment (ran {ran}):\n{out.stdout}")
-        walls.append(wall)
-        stage_sums.append(sum(s["seconds"] for s in info["stages"]))
-        loops.append(float(info["train_metrics"][0]["train_time_s"]))
-        runs.append({"wall": wall, "ran": ran, **info})
-    res.details["runs"] = runs
-    res.details["dvc_version_call_s"] = version
+    lr = "train.lr=0.00205"
+    run_cmd(dvc("exp", "run", "--temp", "-S", lr), project, timeout=300, env=stage_log.env())
+    measured = tiny_experiments(project, empty, stage_log, 2 if quick else 3)
+    runs, floors = measured["runs"], measured["floors"]
+    res.details |= {"runs": runs, "dvc_version_call_s": version}
+    walls = [run["wall"] for run in runs]
+    stage_sums = [sum(s["seconds"] for s in run["stages"]) for run in runs]
+    loops = [float(run["train_metrics"][0]["train_time_s"]) for run in runs]
     res.add("dvc", "`dvc --version` (CLI start-up)", Stats([version]), "s")
-    res.add("dvc", "floor: `dvc exp run`, empty stage", Stats(floors_ws), "s")
-    res.add("dvc", "floor: `dvc exp run --temp`, empty stage", Stats(floors_temp), "s")
-    res.add(
-        "dvc",
-        "tiny experiment `dvc exp run --temp`",
-        Stats(walls),
-        "s",
-        note=f"stages run: {', '.join(runs[-1]['ran'])} (prepare from run cache)",
-    )
-    res.add(
-        "dvc",
-        "  of which stage processes",
-        Stats(stage_sums),
-        "s",
-        note="python start + imports + work, timed by a PATH shim",
-    )
+    res.add("dvc", "floor: `dvc exp run`, empty stage", Stats(floors["workspace"]), "s")
+    res.add("dvc", "floor: `dvc exp run --temp`, empty stage", Stats(floors["temp"]), "s")
+    note = f"stages run: {', '.join(runs[-1]['ran'])} (prepare from run cache)"
+    res.add("dvc", "tiny experiment `dvc exp run --temp`", Stats(walls), "s", note=note)
+    note = "python start + imports + work, timed by a PATH shim"
+    res.add("dvc", "  of which stage processes", Stats(stage_sums), "s", note=note)
     res.add("dvc", "  of which train loop (train_time_s)", Stats(loops), "s")
     overhead = Stats([w - s for w, s in zip(walls, stage_sums, strict=True)])
-    target = Stats(floors_temp).median + 2
-    res.add(
-        "dvc",
-        "DVC overhead per experiment (wall - stages)",
-        overhead,
-        "s",
-        target=f"<= floor + 2 s = {target:.1f} s",
-        ok=overhead.median <= target,
-    )
+    target = Stats(floors["temp"]).median + 2
+    name, bound = "DVC overhead per experiment (wall - stages)", f"<= floor + 2 s = {target:.1f} s"
+    res.add("dvc", name, overhead, "s", target=bound, ok=overhead.median <= target)
     beyond = Stats([w - lp for w, lp in zip(walls, loops, strict=True)])
-    res.add(
-        "dvc",
-        "wall - train_time_s (all non-training time)",
-        beyond,
-        "s",
-        note="DVC + process start/imports + evaluate + checkpoints",
-    )
+    note = "DVC + process start/imports + evaluate + checkpoints"
+    res.add("dvc", "wall - train_time_s (all non-training time)", beyond, "s", note=note)
     res.details["stage_breakdown"] = _stage_means(runs)
     res.details["imports"] = import_costs(workdir)
     for name, seconds in res.details["imports"].items():
@@ -212,7 +178,7 @@ def import_costs(workdir: Path, repeats: int = 3) -> dict[str, list[float]]:
         "aeselect.training.loop (train stage)": "import aeselect.training.loop",
         "aeselect.evaluation.evaluate (evaluate stage)": "import aeselect.evaluation.evaluate",
     }
-    env = tool_env({"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    env = tool_env({"PYTHONPATH": str(ROOT / "src")})
     out: dict[str, list[float]] = {name: [] for name in modules}
     for _ in range(repeats):
         for name, code in modules.items():
@@ -221,14 +187,10 @@ def import_costs(workdir: Path, repeats: int = 3) -> dict[str, list[float]]:
     return out
 
 
-def _queue_counts(project: Path, env: dict[str, str]) -> tuple[dict[str, int], str]:
-    _, out = run_cmd(dvc("queue", "status"), project, timeout=120, env=env)
-    counts: dict[str, int] = {}
-    for line in out.stdout.splitlines():
-        words = line.split()
-        if len(words) >= 2 and words[-1] in ("Queued", "Running", "Success", "Failed"):
-            counts[words[-1]] = counts.get(words[-1], 0) + 1
-    return counts, out.stdout
+def _queue_counts(project: Path) -> Counter:
+    """Tasks per state in DVC's queue (aeselect's parser: a Running task whose process is gone
+    counts as Stuck)."""
+    return Counter(task.status for task in queue_states(project).values())
 
 
 def _workers_gone(project: Path, env: dict[str, str], timeout: float) -> None:
@@ -248,7 +210,7 @@ def drain(
 ) -> dict[str, Any]:
     """Queue one experiment per lr, then `dvc queue start -j jobs` and poll until drained."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    env = stage_log.env({"AESELECT_NUM_THREADS": str(threads)})
+    env = stage_log.env({THREADS_ENV: str(threads)})
     stage_log.clear()
     queue_start = time.perf_counter()
     for lr in lrs:
@@ -257,35 +219,31 @@ def drain(
     start = time.perf_counter()
     run_cmd(dvc("queue", "start", "-j", str(jobs)), project, timeout=120, env=env)
     polls = 0
-    while True:
-        counts, text = _queue_counts(project, env)
+    while (counts := _queue_counts(project))["Queued"] + counts["Running"]:
         polls += 1
-        if not counts.get("Queued") and not counts.get("Running"):
-            break
         if time.perf_counter() - start > timeout:
-            run_cmd(
-                dvc("queue", "kill", "--force", "--all"), project, timeout=120, env=env, check=False
-            )
-            raise BenchError(f"-j {jobs}: queue not drained after {timeout:.0f} s:\n{text}")
+            kill = dvc("queue", "kill", "--force", "--all")
+            run_cmd(kill, project, timeout=120, env=env, check=False)
+            raise BenchError(f"-j {jobs}: queue not drained after {timeout:.0f} s: {counts}")
         time.sleep(poll_s)
     wall = time.perf_counter() - start
-    if counts.get("Failed"):
+    if counts["Failed"] or counts["Stuck"]:
         raise BenchError(
-            f"-j {jobs}: {counts['Failed']} experiment(s) failed (see `dvc queue logs <task>` "
-            f"in {project}):\n{text}"
+            f"-j {jobs}: experiments failed or died, {counts} (see `dvc queue logs <task>` "
+            f"in {project})"
         )
     _workers_gone(project, env, timeout=60)
     info = stage_log.read()
     seen = {s["threads"] for s in info["stages"]}
     if seen != {str(threads)}:
-        raise BenchError(f"-j {jobs}: stages saw AESELECT_NUM_THREADS={seen}, not {threads}")
+        raise BenchError(f"-j {jobs}: stages saw {THREADS_ENV}={seen}, not {threads}")
     return {
         "jobs": jobs,
         "threads": threads,
         "queue_add_s": queued_s,
         "drain_s": wall,
         "polls": polls,
-        "counts": counts,
+        "counts": dict(counts),
         "stage_means": _stage_means([info]),
         "train_time_s": [float(m["train_time_s"]) for m in info["train_metrics"]],
     }
@@ -294,16 +252,11 @@ def drain(
 def bench_queue(workdir: Path, quick: bool) -> Result:
     """Benchmark 5: 4 tiny experiments drained by `dvc queue start -j 1` and `-j 2`."""
     res = Result()
-    tiny = tiny_params()
-    project, how = make_project(workdir / "queue_project", tiny)
+    project = make_project(workdir / "queue_project")
     stage_log = StageLog(workdir / "queue_log")
     # Warm-up: populate the cache and run cache with `prepare`, as a phase's baseline has.
-    run_cmd(
-        dvc("exp", "run", "--temp", "-S", "train.lr=0.0031"),
-        project,
-        timeout=300,
-        env=stage_log.env(),
-    )
+    lr = "train.lr=0.0031"
+    run_cmd(dvc("exp", "run", "--temp", "-S", lr), project, timeout=300, env=stage_log.env())
     order = [1, 2] if quick else [1, 2, 2, 1]
     phases: list[dict[str, Any]] = []
     counter = 0
@@ -315,7 +268,7 @@ def bench_queue(workdir: Path, quick: bool) -> Result:
             phases.append(drain(project, jobs, lrs, stage_log, timeout=400, poll_s=2.0))
     finally:
         run_cmd(dvc("queue", "stop"), project, timeout=120, check=False)
-    res.details = {"project": how, "phases": phases}
+    res.details = {"phases": phases}
     by_jobs = {j: [p["drain_s"] for p in phases if p["jobs"] == j] for j in (1, 2)}
     res.add("queue", "4 tiny exps, -j 1 (2 threads each)", Stats(by_jobs[1]), "s")
     res.add("queue", "4 tiny exps, -j 2 (1 thread each)", Stats(by_jobs[2]), "s")
@@ -339,7 +292,3 @@ def bench_queue(workdir: Path, quick: bool) -> Result:
             if values:
                 res.add("queue", f"  {stage} stage process, -j {jobs}", Stats(values), "s")
     return res
-
-
-def cleanup(workdir: Path) -> None:
-    shutil.rmtree(workdir, ignore_errors=True)

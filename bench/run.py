@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -18,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, Figure, Result, log
+from _common import ROOT, Figure, log
 
 BENCHMARKS = {
     "matmul": "1. matmul peak and the training step's achieved FLOP/s",
-    "train": "2. train() stage vs a bare PyTorch loop",
+    "train": "2. train() stage vs a bare loop of the same steps",
     "loader": "3. data loader vs the training step's consumption",
     "dvc": "4. DVC overhead per experiment vs its empty-stage floor",
     "queue": "5. 4 queued tiny experiments, -j 1 vs -j 2",
@@ -36,21 +37,17 @@ def runner(name: str):
     import compute
     import pipeline
 
-    return {
-        "matmul": compute.bench_matmul,
-        "train": compute.bench_train,
-        "loader": compute.bench_loader,
-        "dvc": pipeline.bench_dvc,
-        "queue": pipeline.bench_queue,
-        "throughput": compute.bench_throughput,
-        "ddp": compute.bench_ddp,
-    }[name]
+    module = pipeline if name in ("dvc", "queue") else compute
+    return getattr(module, f"bench_{name}")
 
 
 def machine() -> dict:
     import torch
 
-    info = {
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), ""
+    )
+    return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
@@ -58,17 +55,16 @@ def machine() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda": torch.cuda.is_available(),
         "platform": platform.platform(),
+        "cpu": cpu,
+        **({"gpu": torch.cuda.get_device_name(0)} if torch.cuda.is_available() else {}),
     }
+
+
+def _cpuinfo() -> list[str]:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
+        return Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+        return []
 
 
 def fmt(value: float) -> str:
@@ -86,10 +82,9 @@ def table(figures: list[Figure]) -> str:
             rows.append((f.bench, f.name, "-", "", "", f.unit, f.target, f"skipped: {f.note}"))
             continue
         verdict = "" if f.ok is None else ("OK" if f.ok else "MISS")
-        s = f.stats
-        rows.append(
-            (f.bench, f.name, fmt(s.median), fmt(s.lo), fmt(s.hi), f.unit, f.target, verdict)
-        )
+        values = f.stats.values
+        numbers = (fmt(v) for v in (f.stats.median, min(values), max(values)))
+        rows.append((f.bench, f.name, *numbers, f.unit, f.target, verdict))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for i, row in enumerate(rows):
@@ -101,6 +96,33 @@ def table(figures: list[Figure]) -> str:
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def run_all(names: list[str], workdir: Path, quick: bool) -> tuple[list[Figure], dict, list]:
+    """Each benchmark in turn; a failing one is reported and the others still run."""
+    figures: list[Figure] = []
+    reports: dict = {}
+    failed = []
+    for name in names:
+        log(f"{BENCHMARKS[name]} ...")
+        start = time.perf_counter()
+        try:
+            result = runner(name)(workdir, quick)
+        except Exception as err:  # report, keep going with the other benchmarks
+            traceback.print_exc()
+            failed.append(name)
+            reports[name] = {"error": f"{type(err).__name__}: {err}"}
+            figures.append(Figure(name, "FAILED", None, "", note=str(err).splitlines()[0]))
+            continue
+        seconds = time.perf_counter() - start
+        log(f"{name} done in {seconds:.0f} s")
+        figures += result.figures
+        reports[name] = {
+            "seconds": seconds,
+            "figures": [f.as_dict() for f in result.figures],
+            "details": result.details,
+        }
+    return figures, reports, failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp work dir")
     parser.add_argument("--output", type=Path, default=RESULTS, help="results JSON path")
     args = parser.parse_args(argv)
-    names = args.only or list(BENCHMARKS)
 
     os.environ["DVC_NO_ANALYTICS"] = "1"
     # SIGTERM (e.g. a timeout) exits through the finally below, which deletes the work dir.
@@ -125,46 +146,21 @@ def main(argv: list[str] | None = None) -> int:
     previous_cwd = Path.cwd()
     os.chdir(workdir)  # dvclive and the stages write relative paths; keep them out of the repo
     started = time.perf_counter()
-    figures: list[Figure] = []
-    report: dict = {
-        "mode": "quick" if args.quick else "default",
-        "machine": machine(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "benchmarks": {},
-    }
-    failed = []
+    report = {"mode": "quick" if args.quick else "default", "machine": machine()}
+    report["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     try:
-        for name in names:
-            log(f"{BENCHMARKS[name]} ...")
-            t0 = time.perf_counter()
-            try:
-                result: Result = runner(name)(workdir, args.quick)
-            except Exception as err:  # report, keep going with the other benchmarks
-                traceback.print_exc()
-                failed.append(name)
-                report["benchmarks"][name] = {"error": f"{type(err).__name__}: {err}"}
-                figures.append(Figure(name, "FAILED", None, "", note=str(err).splitlines()[0]))
-                continue
-            seconds = time.perf_counter() - t0
-            log(f"{name} done in {seconds:.0f} s")
-            figures += result.figures
-            report["benchmarks"][name] = {
-                "seconds": seconds,
-                "figures": [f.as_dict() for f in result.figures],
-                "details": result.details,
-            }
+        figures, report["benchmarks"], failed = run_all(
+            args.only or list(BENCHMARKS), workdir, args.quick
+        )
     finally:
         os.chdir(previous_cwd)
         if args.keep:
             log(f"work dir kept: {workdir}")
         else:
-            import shutil
-
             shutil.rmtree(workdir, ignore_errors=True)
     report["total_seconds"] = time.perf_counter() - started
-    text = table(figures)
-    report["table"] = text
-    print(text)
+    report["table"] = table(figures)
+    print(report["table"])
     print(f"\ntotal {report['total_seconds']:.0f} s; results in {args.output}")
     args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
     if failed:

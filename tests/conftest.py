@@ -1,56 +1,25 @@
-"""Shared fixtures: a temporary Git+DVC copy of this project with its own Git identity."""
+"""Shared fixtures: a temporary Git+DVC copy of this project (aeselect.sandbox) with the tests'
+own Git identity."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from aeselect.sandbox import TINY, git, make_project
+
+__all__ = ["GIT_IDENTITY", "ROOT", "TINY", "git", "make_project", "write_pngs"]
+
 ROOT = Path(__file__).resolve().parents[1]
-# What a clone of the project holds that its pipeline needs (no tests, no venv).
-PROJECT_FILES = [
-    "src",
-    "dvc.yaml",
-    "params.yaml",
-    ".dvc/config",
-    ".dvcignore",
-    ".gitignore",
-    "data/raw/README.md",
-    "data/.gitignore",
-    "results/.gitignore",
-    "phases",
-    "hpc",
-]
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "aeselect tests",
     "GIT_AUTHOR_EMAIL": "tests@aeselect.invalid",
     "GIT_COMMITTER_NAME": "aeselect tests",
     "GIT_COMMITTER_EMAIL": "tests@aeselect.invalid",
 }
-# Small enough for a 2-core CPU: 32px images, 5 steps; evaluation every 5 steps.
-TINY = {
-    "data.image_size": 32,
-    "data.num_images": 24,
-    "model.base_channels": 8,
-    "model.aux_hidden_channels": 8,
-    "train.max_steps": 6,
-    "train.batch_size": 4,
-    "train.eval_every": 3,
-    "train.log_every": 3,
-    "train.warmup_steps": 2,
-    "evaluate.batch_size": 8,
-    "evaluate.num_sample_images": 2,
-}
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=repo, check=True, text=True, capture_output=True
-    ).stdout
 
 
 @pytest.fixture(autouse=True)
@@ -60,31 +29,6 @@ def _project_env(monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-
-
-def make_project(directory: Path, params: dict | None = None) -> Path:
-    """A committed Git+DVC repository holding this project's pipeline, params set to `params`."""
-    import yaml
-
-    from aeselect.config import apply_overrides, read_yaml
-
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        source = ROOT / name
-        if not source.exists():
-            continue
-        target = directory / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "logs"))
-        else:
-            shutil.copy2(source, target)
-    raw = apply_overrides(read_yaml(ROOT / "params.yaml"), params or {})
-    (directory / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    git(directory, "init", "-q", "-b", "main")
-    git(directory, "add", "-A")
-    git(directory, "commit", "-q", "-m", "project")
-    return directory
 
 
 @pytest.fixture

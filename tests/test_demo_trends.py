@@ -29,11 +29,12 @@ from aeselect.config import apply_overrides, from_dict, read_yaml
 from aeselect.data.dataset import PreparedData, make_loader, to_model_input
 from aeselect.data.prepare import prepare
 from aeselect.demo import SWEEP_STEPS, sweep_schedule
-from aeselect.evaluation.metrics import per_image_mse
+from aeselect.model.checkpoint import load_checkpoint, model_from_checkpoint
+from aeselect.paths import BEST_CHECKPOINT
 from aeselect.phases.noise import paired_bootstrap
 from aeselect.phases.spec import load_phase
+from aeselect.scoring.metrics import per_image_mse
 from aeselect.stages import open_live
-from aeselect.training.checkpoint import BEST, load_checkpoint, model_from_checkpoint
 from aeselect.training.loop import train
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.slow
 
 def _val_mse(directory: Path, data: PreparedData) -> np.ndarray:
     """(N,) val MSE per image of the best checkpoint in `directory`."""
-    model, _ = model_from_checkpoint(load_checkpoint(directory / BEST))
+    model, _ = model_from_checkpoint(load_checkpoint(directory / BEST_CHECKPOINT.name))
     values = []
     with torch.no_grad():
         for raw_images, raw_targets in make_loader(data.dataset("val"), batch_size=64):

@@ -19,10 +19,16 @@ from conftest import ROOT, TINY
 from test_resume import logged_steps
 
 from aeselect.config import apply_overrides, from_dict, read_yaml
-from aeselect.envvars import NNODES_ENV, NPROC_ENV, THREADS_ENV
+from aeselect.envvars import (
+    NNODES_ENV,
+    NPROC_ENV,
+    PIDFILE_ENV,
+    PREEMPTED_EXIT_CODE,
+    RESUME_DIR_ENV,
+    THREADS_ENV,
+)
 from aeselect.model import Autoencoder
 from aeselect.training import distributed
-from aeselect.training.resume import PIDFILE_ENV, PREEMPTED_EXIT_CODE, RESUME_DIR_ENV
 
 # Long enough to signal a rank between two log boundaries; 4 images per rank and step; a VAE,
 # so that the ranks' sampling is under test too.

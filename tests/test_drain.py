@@ -12,9 +12,9 @@ from pathlib import Path
 from conftest import ROOT
 
 from aeselect.cluster.drain import Drainer, is_live_descendant, signal_descendant
+from aeselect.envvars import PIDFILE_ENV
 from aeselect.phases.experiments import DRAIN_DIR
 from aeselect.phases.spec import load_phase
-from aeselect.training.resume import PIDFILE_ENV
 
 # The train stage's side of the protocol: StopRequest writes its pid to $AESELECT_PIDFILE.
 TRAINING = """

@@ -305,7 +305,7 @@ def test_the_derivation_sees_what_the_stages_use():
     """Guards the test itself: known imports and reads are found, so a pass means something."""
     train = stage_code("train").paths()
     assert "src/aeselect/training/loop.py" in train
-    assert "src/aeselect/imageops.py" in train  # via evaluation.metrics
+    assert "src/aeselect/imageops.py" in train  # via scoring.metrics
     assert "src/aeselect/cluster/__init__.py" in train  # a parent package runs too
     prepare = stage_code("prepare").paths()
     assert "src/aeselect/model/autoencoder.py" not in prepare
@@ -320,7 +320,7 @@ def test_the_derivation_sees_what_the_stages_use():
 def test_prepare_depends_on_the_folder_holding_images_and_masks():
     """data.root and data.mask_root (defaults) lie inside the input folder prepare depends on,
     and that folder exists in every clone, so a clone without masks or images still runs."""
-    from aeselect.stages import INPUT_DIR
+    from aeselect.paths import INPUT_DIR
 
     deps = [str(dep) for dep in dvc_stages()["prepare"]["deps"]]
     assert INPUT_DIR.as_posix() in deps

@@ -10,13 +10,18 @@ from conftest import ROOT, TINY
 from torch.nn.modules.module import register_module_forward_hook
 
 from aeselect.config import apply_overrides, flatten, from_dict, read_yaml
-from aeselect.data.dataset import PREPARED_DIR, PreparedData
+from aeselect.data.dataset import PreparedData
 from aeselect.evaluation import evaluate as evaluate_stage
 from aeselect.evaluation.gates import gate_bounds
+from aeselect.paths import (
+    BEST_CHECKPOINT,
+    EVALUATE_LIVE_DIR,
+    EVALUATE_METRICS,
+    PREPARED_DIR,
+    TRAIN_METRICS,
+)
 from aeselect.runtime import Runtime
 from aeselect.stages import open_live, run_prepare, run_train
-from aeselect.training.checkpoint import MODELS_DIR
-from aeselect.training.loop import TRAIN_LIVE_DIR
 
 # What CUDA's training runtime is, on the CPU: bf16 autocast on.
 BF16_RUNTIME = Runtime(torch.device("cpu"), bf16=True, channels_last=False, compile=False)
@@ -27,8 +32,8 @@ TWO_STEPS = {"train.max_steps": 2, "train.eval_every": 2, "train.log_every": 2}
 
 
 def _evaluate(cfg) -> dict:
-    with open_live(evaluate_stage.EVALUATE_LIVE_DIR) as live:
-        return evaluate_stage.evaluate(cfg, PreparedData.load(PREPARED_DIR), MODELS_DIR, live)
+    with open_live(EVALUATE_LIVE_DIR) as live:
+        return evaluate_stage.evaluate(cfg, PreparedData.load(PREPARED_DIR), BEST_CHECKPOINT, live)
 
 
 def _without_timings(summary: dict) -> dict:
@@ -44,10 +49,10 @@ def test_evaluation_is_fp32_and_writes_both_psnrs_and_every_gate(tmp_path, monke
 
     # The mean of per-image PSNRs is never below the PSNR of the mean MSE (Jensen).
     assert fp32_summary["psnr"] >= fp32_summary["psnr_pooled"] > 0
-    written = json.loads((evaluate_stage.EVALUATE_LIVE_DIR / "metrics.json").read_text())
+    written = json.loads(EVALUATE_METRICS.read_text())
     assert written["psnr_pooled"] == pytest.approx(fp32_summary["psnr_pooled"])
     # Each gate's metrics exist under the names the phase tables flatten both metrics files to.
-    trained_metrics = json.loads((TRAIN_LIVE_DIR / "metrics.json").read_text())
+    trained_metrics = json.loads(TRAIN_METRICS.read_text())
     flat = flatten(trained_metrics) | flatten(written)
     for gate, bounds in gate_bounds(cfg.evaluate).items():
         expected = all(bound.holds(flat[bound.metric]) for bound in bounds)

@@ -14,7 +14,7 @@ import torch
 from aeselect.data.dataset import PreparedData, to_model_input
 from aeselect.dvc import run_dvc
 from aeselect.handoff import export_autoencoder, load_autoencoder
-from aeselect.training.checkpoint import load_checkpoint
+from aeselect.model.checkpoint import load_checkpoint
 
 
 def val_images(repo) -> torch.Tensor:

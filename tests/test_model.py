@@ -1,11 +1,14 @@
 """Model shapes for every phase configuration, the variational/deterministic contract, and the
 two init/normalisation choices that decide whether the demo's small models learn at all."""
 
+import math
+
 import pytest
 import torch
+from torch import nn
 
 from aeselect.config import from_dict
-from aeselect.model import Autoencoder
+from aeselect.model import Autoencoder, DiagonalGaussian, count_parameters
 from aeselect.model.autoencoder import ResBlock, group_norm
 
 # (image_size, downsampling_steps, latent_channels, base_channels, variational): Phase 1's sweeps
@@ -103,3 +106,31 @@ def test_a_new_res_block_is_the_identity():
     torch.manual_seed(0)
     x = torch.randn(2, 16, 8, 8)
     assert torch.equal(ResBlock(16, 16)(x), x)
+
+
+def _kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return DiagonalGaussian(mean, logvar).kl()
+
+
+def test_gaussian_kld_closed_form():
+    zeros = torch.zeros(2, 4, 3, 3)
+    assert torch.allclose(_kl(zeros, zeros), torch.zeros(2), atol=1e-7)
+
+    mean = torch.zeros(2, 4, 3, 3)
+    mean[0] = 2.0
+    mean[1, :2] = 2.0  # half the elements of image 1
+    # KL(N(m, 1) || N(0, 1)) = m^2 / 2 per element, averaged per image.
+    assert torch.allclose(_kl(mean, zeros), torch.tensor([2.0, 1.0]))
+
+    logvar = torch.full((1, 4, 3, 3), math.log(0.25))
+    expected = 0.5 * (0.25 - 1.0 - math.log(0.25))
+    assert _kl(torch.zeros_like(logvar), logvar).item() == pytest.approx(expected)
+
+
+def test_gaussian_kld_propagates_nan_instead_of_raising():
+    logvar = torch.full((1, 1, 2, 2), float("nan"))
+    assert torch.isnan(_kl(torch.zeros_like(logvar), logvar)).all()
+
+
+def test_count_parameters():
+    assert count_parameters(nn.Linear(3, 2)) == 3 * 2 + 2

@@ -16,7 +16,7 @@ import yaml
 from conftest import ROOT, TINY
 
 from aeselect.config import apply_overrides, read_yaml
-from aeselect.training.resume import PREEMPTED_EXIT_CODE
+from aeselect.envvars import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 PARAMS = TINY | {"train.max_steps": 150, "train.log_every": 5, "train.eval_every": 25}

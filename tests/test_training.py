@@ -10,13 +10,14 @@ import pytest
 import torch
 from conftest import TINY
 
-from aeselect.cluster import gpu
 from aeselect.config import apply_overrides, from_dict
 from aeselect.data.dataset import PreparedData, StepBatchSampler
 from aeselect.data.prepare import prepare
+from aeselect.envvars import GPU_LOCK_DIR_ENV
 from aeselect.model import AutoencoderOutput
+from aeselect.model.checkpoint import load_checkpoint
+from aeselect.paths import LAST_CHECKPOINT
 from aeselect.stages import open_live
-from aeselect.training.checkpoint import LAST, load_checkpoint
 from aeselect.training.loop import NonFiniteLossError, _raise_if_nonfinite, lr_at, train
 from aeselect.training.loss import compute_loss
 
@@ -106,7 +107,7 @@ def claim(**kwargs) -> subprocess.Popen:
 
 def test_parallel_experiments_claim_different_gpus(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    monkeypatch.setenv(gpu.LOCK_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(GPU_LOCK_DIR_ENV, str(tmp_path))
     holders = [claim(), claim()]
     claimed = [h.stdout.readline().split() for h in holders]
     assert sorted(c[0] for c in claimed) == ["3", "5"]
@@ -134,7 +135,7 @@ def test_images_per_s_of_a_resumed_run_counts_every_step(tmp_path, one_thread):
     data = PreparedData.load(tmp_path / "prepared")
     with open_live(tmp_path / "live") as live:
         first = train(cfg, data, tmp_path / "models", live)
-    last = load_checkpoint(tmp_path / "models" / LAST)
+    last = load_checkpoint(tmp_path / "models" / LAST_CHECKPOINT.name)
     earlier_seconds = 1000.0  # as if the first segment had run on a slow node
     state = {key: last[key] for key in ("model", "optimizer", "step", "best_val_mse", "best_step")}
     state |= {"loss_history": [1.0] * 3, "val_history": [first.best_val_mse]}

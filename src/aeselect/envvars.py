@@ -1,4 +1,5 @@
-"""Environment variables that connect the cluster glue to the training processes.
+"""The interface between the cluster glue and the training processes: environment variables in,
+the preemption exit code out.
 
 Kept in a module without heavy imports, so the CLI can name them without importing torch.
 """
@@ -11,3 +12,9 @@ NPROC_ENV = "AESELECT_NPROC_PER_NODE"
 # one-experiment phase (the final training) on a multi-node allocation; the train stage's launcher
 # then starts the other nodes' ranks with srun.
 NNODES_ENV = "AESELECT_NNODES"
+RESUME_DIR_ENV = "AESELECT_RESUME_DIR"  # where preempted trainings keep their resume snapshots
+PIDFILE_ENV = "AESELECT_PIDFILE"  # set by aeselect.cluster.drain for each experiment
+GPU_LOCK_DIR_ENV = "AESELECT_GPU_LOCK_DIR"  # lock files of aeselect.cluster.gpu's GPU claims
+
+# The train stage's exit status after a preemption snapshot (EX_TEMPFAIL: try again later).
+PREEMPTED_EXIT_CODE = 75

@@ -18,9 +18,9 @@ import torch
 
 from aeselect.config import Config
 from aeselect.model import Autoencoder
-from aeselect.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from aeselect.model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from aeselect.paths import EVALUATE_METRICS, EXPORT_PATH
 
-EXPORT_PATH = Path("export/autoencoder.pt")
 HOW_TO_GET = (
     "`dvc exp run` produces it, `dvc pull` fetches it in a fresh clone, and rev= reads it from "
     "a Git revision or DVC experiment"
@@ -89,8 +89,9 @@ def load_autoencoder(
 
     `path` is relative to `repo`. With `rev` (a Git revision or DVC experiment name) the file is
     read through `dvc.api.open` from that revision's DVC cache or remote, not the workspace.
-    An explicit `scale_factor` overrides the stored one; a training checkpoint (models/best.pt)
-    stores none, so it needs `latent.scale_factor` from results/evaluate/metrics.json.
+    An explicit `scale_factor` overrides the stored one; a training checkpoint
+    (paths.BEST_CHECKPOINT) stores none, so it needs `latent.scale_factor` from
+    paths.EVALUATE_METRICS.
     """
     checkpoint = _read(Path(path), rev, repo)
     model, config = model_from_checkpoint(checkpoint)
@@ -100,7 +101,7 @@ def load_autoencoder(
         raise ValueError(
             f"{path} holds no scale factor (a training checkpoint): load the exported "
             f"{EXPORT_PATH} instead, or pass scale_factor= (latent.scale_factor in "
-            "results/evaluate/metrics.json of the same run)"
+            f"{EVALUATE_METRICS} of the same run)"
         )
     return PhaseTwoAutoencoder(model.to(device), config, _checked(scale_factor))
 

@@ -1,4 +1,4 @@
-"""Image operations shared by data preparation (edge targets) and evaluation (edge F1).
+"""Image operations shared by data preparation (edge targets) and scoring (edge F1).
 
 One definition of "an edge" keeps the auxiliary target and the spatial-detail metric consistent.
 """
@@ -17,7 +17,11 @@ _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 
 def luma(images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) RGB in [0, 1] -> (N, 1, H, W) luma (ITU-R BT.601 weights)."""
+    """(N, 3, H, W) RGB in [0, 1] -> (N, 1, H, W) luma (ITU-R BT.601 weights).
+
+    Not torchvision's rgb_to_grayscale: it weighs red 0.2989, which would move the edge targets
+    of already prepared data and every edge F1 measured so far.
+    """
     return (images * _LUMA.to(images).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
 
 

@@ -11,7 +11,7 @@ import contextlib
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -35,15 +35,16 @@ class Runtime:
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def fp32(self) -> Iterator[None]:
+    def fp32(self) -> Iterator[Runtime]:
         """Plain fp32 inside, whatever the training settings: no autocast (not even one opened by
         a caller) and no TF32 matmuls or convolutions; the TF32 switches are restored on exit.
+        Yields this runtime without bf16 autocast and channels_last, to run models with inside.
         Evaluation runs here, so its metrics and scale factor mean the same on every device."""
         tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         try:
             with torch.autocast(self.device.type, enabled=False):
-                yield
+                yield replace(self, bf16=False, channels_last=False)
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 

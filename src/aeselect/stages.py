@@ -15,11 +15,9 @@ import sys
 from pathlib import Path
 
 from aeselect.config import PARAMS_FILE, Config, ConfigError, load_config
+from aeselect.paths import INPUT_DIR
 
 STAGES = ("prepare", "train", "evaluate")
-# The folder dvc.yaml's prepare stage depends on, kept in Git (its README.md) so that it exists in
-# every clone; images and masks go in subfolders that `dvc add` tracks, and a missing one is fine.
-INPUT_DIR = Path("data/raw")
 
 
 def open_live(directory: Path, resume: bool = False):
@@ -43,8 +41,8 @@ def check_inputs_tracked(cfg: Config) -> None:
 
 
 def run_prepare(cfg: Config) -> None:
-    from aeselect.data.dataset import PREPARED_DIR
     from aeselect.data.prepare import prepare
+    from aeselect.paths import PREPARED_DIR
 
     check_inputs_tracked(cfg)
     summary = prepare(cfg, PREPARED_DIR)
@@ -54,10 +52,11 @@ def run_prepare(cfg: Config) -> None:
 def run_train(cfg: Config) -> None:
     """One training process: the only one, or one rank under torchrun (see
     aeselect.training.distributed), where rank 0 alone touches the outputs and the snapshot."""
-    from aeselect.data.dataset import PREPARED_DIR, PreparedData
+    from aeselect.data.dataset import PreparedData
+    from aeselect.envvars import PREEMPTED_EXIT_CODE
+    from aeselect.paths import MODELS_DIR, PREPARED_DIR, TRAIN_LIVE_DIR
     from aeselect.training import distributed, resume
-    from aeselect.training.checkpoint import MODELS_DIR
-    from aeselect.training.loop import TRAIN_LIVE_DIR, train
+    from aeselect.training.loop import train
 
     rank = distributed.this_rank()
     distributed.pin_cpu_rank(rank)
@@ -77,23 +76,23 @@ def run_train(cfg: Config) -> None:
         except resume.Preempted as stopped:
             if rank.is_main:
                 print(f"[train] {stopped}", file=sys.stderr)
-            sys.exit(resume.PREEMPTED_EXIT_CODE)
+            sys.exit(PREEMPTED_EXIT_CODE)
     if rank.is_main:
         resume.discard_snapshot(snapshot)
         print(f"[train] {json.dumps(result.__dict__)}", file=sys.stderr)
 
 
 def run_evaluate(cfg: Config) -> None:
-    from aeselect.data.dataset import PREPARED_DIR, PreparedData
-    from aeselect.evaluation.evaluate import EVALUATE_LIVE_DIR, evaluate
-    from aeselect.handoff import EXPORT_PATH, export_autoencoder
-    from aeselect.training.checkpoint import BEST, MODELS_DIR
+    from aeselect.data.dataset import PreparedData
+    from aeselect.evaluation.evaluate import evaluate
+    from aeselect.handoff import export_autoencoder
+    from aeselect.paths import BEST_CHECKPOINT, EVALUATE_LIVE_DIR, EXPORT_PATH, PREPARED_DIR
 
     data = PreparedData.load(PREPARED_DIR)
     with open_live(EVALUATE_LIVE_DIR) as live:
-        summary = evaluate(cfg, data, MODELS_DIR, live)
+        summary = evaluate(cfg, data, BEST_CHECKPOINT, live)
     # The Phase 2 artifact: weights with the scale factor measured on these same val latents.
-    export_autoencoder(MODELS_DIR / BEST, summary["latent"]["scale_factor"], EXPORT_PATH)
+    export_autoencoder(BEST_CHECKPOINT, summary["latent"]["scale_factor"], EXPORT_PATH)
     headline = {key: summary[key] for key in ("mse", "psnr", "psnr_pooled", "ssim", "edge_f1")}
     print(f"[evaluate] latent {summary['latent']['shape']} {json.dumps(headline)}", file=sys.stderr)
 

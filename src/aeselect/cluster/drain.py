@@ -31,12 +31,17 @@ from typing import Any
 from aeselect.cluster.claims import Claim, claim_queued, read_claims
 from aeselect.cluster.share import UNFINISHED, Plan, SharedClaims, job_identity, read_plan
 from aeselect.dvc import DvcError, exp_push, set_default_remote, start_exp_run
-from aeselect.envvars import NNODES_ENV, NPROC_ENV, THREADS_ENV
+from aeselect.envvars import (
+    NNODES_ENV,
+    NPROC_ENV,
+    PIDFILE_ENV,
+    PREEMPTED_EXIT_CODE,
+    THREADS_ENV,
+)
+from aeselect.paths import HPC_LOG_DIR as LOG_DIR
 from aeselect.phases.experiments import DRAIN_DIR
 from aeselect.phases.spec import PhaseSpec
-from aeselect.training.resume import PIDFILE_ENV, PREEMPTED_EXIT_CODE
 
-LOG_DIR = Path("hpc/logs")
 ANOTHER_DRAINER_EXIT_CODE = 3
 POLL_SECONDS = 0.5
 

@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-LOCK_DIR_ENV = "AESELECT_GPU_LOCK_DIR"
+from aeselect.envvars import GPU_LOCK_DIR_ENV
+
 _held: list[IO] = []  # open lock files: the claim lasts as long as the process
 
 
@@ -23,7 +24,7 @@ def lock_dir() -> Path:
     default = (
         Path(tempfile.gettempdir()) / f"aeselect-gpus-{os.environ.get('SLURM_JOB_ID', 'local')}"
     )
-    return Path(os.environ.get(LOCK_DIR_ENV, default))
+    return Path(os.environ.get(GPU_LOCK_DIR_ENV, default))
 
 
 def claim_gpu() -> str | None:

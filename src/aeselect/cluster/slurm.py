@@ -23,12 +23,12 @@ from pathlib import Path
 import yaml
 
 from aeselect.cluster.share import Plan
+from aeselect.envvars import RESUME_DIR_ENV
+from aeselect.paths import HPC_LOG_DIR as LOG_DIR
 from aeselect.phases.spec import PHASE_ID, PhaseError, PhaseSpec
-from aeselect.training.resume import RESUME_DIR_ENV
 
 CLUSTERS_FILE = Path("hpc/clusters.yaml")
 SCRIPT_FILE = Path("hpc/drain.sbatch")
-LOG_DIR = Path("hpc/logs")
 SETUP_MARKER = "# aeselect:setup\n"
 DEFAULT_RESUME_DIR = Path(".dvc/tmp/aeselect-resume")
 

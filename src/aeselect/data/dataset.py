@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-PREPARED_DIR = Path("data/prepared")
+from aeselect.paths import PREPARED_DIR
 
 
 @dataclass(frozen=True)

@@ -158,13 +158,6 @@ def _mask_ids(mask: Image.Image, num_classes: int, mask_rel: str) -> Image.Image
     return Image.fromarray(ids.astype(np.uint8))
 
 
-def _square_box(width: int, height: int) -> tuple[float, float, float, float]:
-    """The centred square region: resizing it == resize shorter side, then centre crop."""
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return (left, top, left + side, top + side)
-
-
 def _edges(rgb: np.ndarray) -> np.ndarray:
     """The shared edge definition (imageops.edge_map) on the resized image: {0, 1} targets."""
     pixels = torch.tensor(rgb).permute(2, 0, 1)[None].float() / 255
@@ -182,9 +175,9 @@ def _load(job: _Job) -> _Sample | _Rejected:
                 f"too small: {width}x{height}, shorter side {min(width, height)} "
                 f"< data.image_size={job.size}"
             )
-        box = _square_box(width, height)
+        # The centred square, resized in one resampling (== resize the shorter side, then crop).
         square = (job.size, job.size)
-        rgb = np.asarray(_to_rgb(image).resize(square, Image.Resampling.LANCZOS, box=box))
+        rgb = np.asarray(ImageOps.fit(_to_rgb(image), square, Image.Resampling.LANCZOS))
         if job.mask_path is None:
             target = _edges(rgb)
         else:
@@ -195,7 +188,7 @@ def _load(job: _Job) -> _Sample | _Rejected:
                     f"but the image is {width}x{height}"
                 )
             ids = _mask_ids(mask, job.num_classes, job.mask_rel)
-            target = np.asarray(ids.resize(square, Image.Resampling.NEAREST, box=box))
+            target = np.asarray(ImageOps.fit(ids, square, Image.Resampling.NEAREST))
     except _Rejected as reason:
         return reason
     except OSError as err:  # unreadable file: permissions, vanished, I/O error
@@ -380,7 +373,7 @@ def prepare(cfg: Config, out_dir: Path, workers: int | None = None) -> PrepareSu
 
     `workers` decoding threads (default: up to 8, one per CPU); the output does not depend on it.
     """
-    out_dir, size = Path(out_dir), cfg.data.image_size
+    out_dir = Path(out_dir)
     root, mask_root, found = _input_folders(cfg, out_dir)
     readable, bad_names = _readable_names(found)
     rels = _limit(readable, cfg.seed, cfg.data.num_images)
@@ -391,24 +384,7 @@ def prepare(cfg: Config, out_dir: Path, workers: int | None = None) -> PrepareSu
     fail = cfg.data.on_bad_file == "fail"
     if rejected and fail:
         raise PrepareError(_fail_message(*rejected[0]))
-
-    images = _NpyRows(out_dir / "images.npy", len(jobs), (size, size, 3))
-    targets = _NpyRows(out_dir / "targets.npy", len(jobs), (size, size))
-    infos: list[_FileInfo] = []
-    try:
-        for job, result in _load_all(jobs, workers or min(8, os.cpu_count() or 1)):
-            if isinstance(result, _Rejected):
-                if fail:
-                    raise PrepareError(_fail_message(job.rel, str(result)))
-                rejected.append((job.rel, str(result)))
-            else:
-                images.append(result.image)
-                targets.append(result.target)
-                infos.append(result.info)
-    finally:
-        images.close()
-        targets.close()
-
+    infos = _decode_all(jobs, out_dir, cfg.data.image_size, workers, fail, rejected)
     rejected_csv = out_dir / "rejected.csv"
     _write_csv(rejected_csv, ("path", "reason"), sorted(rejected))
     contents = [info.sha256 for info in infos]
@@ -431,7 +407,7 @@ def prepare(cfg: Config, out_dir: Path, workers: int | None = None) -> PrepareSu
         "root": root.as_posix(),
         "aux_task": aux_task,
         "aux_classes": aux_classes,
-        "image_size": size,
+        "image_size": cfg.data.image_size,
         "num_found": len(found),
         "num_over_limit": len(readable) - len(rels),  # left out by data.num_images
         "num_images": len(infos),
@@ -442,6 +418,35 @@ def prepare(cfg: Config, out_dir: Path, workers: int | None = None) -> PrepareSu
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("prepare: %s (rejected files: %s)", meta, rejected_csv)
     return summary
+
+
+def _decode_all(
+    jobs: list[_Job],
+    out_dir: Path,
+    size: int,
+    workers: int | None,
+    fail: bool,
+    rejected: list[tuple[str, str]],
+) -> list[_FileInfo]:
+    """Stream the usable images and targets into images.npy and targets.npy, in job order;
+    unusable files are appended to `rejected` (or raise, with `fail`)."""
+    images = _NpyRows(out_dir / "images.npy", len(jobs), (size, size, 3))
+    targets = _NpyRows(out_dir / "targets.npy", len(jobs), (size, size))
+    infos: list[_FileInfo] = []
+    try:
+        for job, result in _load_all(jobs, workers or min(8, os.cpu_count() or 1)):
+            if isinstance(result, _Rejected):
+                if fail:
+                    raise PrepareError(_fail_message(job.rel, str(result)))
+                rejected.append((job.rel, str(result)))
+            else:
+                images.append(result.image)
+                targets.append(result.target)
+                infos.append(result.info)
+    finally:
+        images.close()
+        targets.close()
+    return infos
 
 
 def _fail_message(rel: str, reason: str) -> str:

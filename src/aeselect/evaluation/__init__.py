@@ -1,1 +1,1 @@
-"""Evaluation: the metrics that rank candidate autoencoders (see `metrics`)."""
+"""Evaluation: the evaluate stage and the success gates (scores come from `aeselect.scoring`)."""

@@ -12,24 +12,47 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
 from dvclive import Live
 
-from aeselect.config import Config
-from aeselect.data.dataset import PreparedData, make_loader, to_model_input
-from aeselect.evaluation import metrics
+from aeselect.config import Config, EvaluateConfig
+from aeselect.data.dataset import PreparedData
 from aeselect.evaluation.gates import success_gates
-from aeselect.evaluation.images import latent_channel_grid, reconstruction_grid
+from aeselect.model import Autoencoder, count_parameters
+from aeselect.model.checkpoint import load_checkpoint, model_from_checkpoint
+from aeselect.paths import (
+    LATENT_CHANNELS_NAME,
+    PER_IMAGE_CSV,
+    RECONSTRUCTIONS_NAME,
+    TRAIN_METRICS,
+)
 from aeselect.runtime import Runtime, select_runtime
-from aeselect.training.checkpoint import BEST, load_checkpoint, model_from_checkpoint
-from aeselect.training.loop import TRAIN_LIVE_DIR
+from aeselect.scoring import metrics
+from aeselect.scoring.images import latent_channel_grid, reconstruction_grid
+from aeselect.scoring.validation import ValBatch, val_batches
 
-EVALUATE_LIVE_DIR = Path("results/evaluate")
-PER_IMAGE_CSV = "per_image.csv"
-PER_IMAGE_COLUMNS = ("mse", "mae", "psnr", "ssim", "edge_f1", "hf_psnr")
+# The per-image columns of PER_IMAGE_CSV: (original, clamped reconstruction) -> (N,).
+PER_IMAGE_METRICS = {
+    "mse": metrics.per_image_mse,
+    "mae": metrics.per_image_mae,
+    "psnr": metrics.per_image_psnr,
+    "ssim": metrics.per_image_ssim,
+    "edge_f1": metrics.edge_f1,
+    "hf_psnr": metrics.high_frequency_psnr,
+}
+
+
+class ValScores(NamedTuple):
+    """What one pass over the val split gives: per-image columns (CPU) and set-level scores."""
+
+    columns: dict[str, torch.Tensor]
+    aux: dict[str, float]
+    kld: torch.Tensor | None  # (N,), variational models only
+    latents: torch.Tensor  # (N, C, h, w) on the CPU
+    first: ValBatch  # the first batch: sample images, smoothness and cost probes
 
 
 def _read_train_summary(path: Path) -> dict[str, Any]:
@@ -39,57 +62,69 @@ def _read_train_summary(path: Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, data: PreparedData, models_dir: Path, live: Live) -> dict[str, Any]:
-    """Metrics and the latent scale factor from fp32 outputs on every device (`Runtime.fp32`),
-    as the hand-off encodes, though training may have run under bf16 autocast."""
-    runtime = select_runtime(cfg.train)
-    with runtime.fp32():
-        return _evaluate(cfg, data, models_dir, live, runtime)
+def evaluate(cfg: Config, data: PreparedData, checkpoint: Path, live: Live) -> dict[str, Any]:
+    """Metrics and the latent scale factor from fp32 outputs on every device (`Runtime.fp32`, no
+    autocast, default layout), as the hand-off encodes, though training may have run in bf16."""
+    with select_runtime(cfg.train).fp32() as runtime:
+        return _evaluate(cfg, data, checkpoint, live, runtime)
 
 
 def _evaluate(
-    cfg: Config, data: PreparedData, models_dir: Path, live: Live, runtime: Runtime
+    cfg: Config, data: PreparedData, checkpoint: Path, live: Live, runtime: Runtime
 ) -> dict[str, Any]:
-    checkpoint = load_checkpoint(models_dir / BEST)
-    model, trained_cfg = model_from_checkpoint(checkpoint)
+    model, trained_cfg = model_from_checkpoint(load_checkpoint(checkpoint))
     model = model.to(runtime.device)
-    image_size = trained_cfg.data.image_size
+    scores = score_val_set(model, data, cfg.evaluate.batch_size, runtime)
+    summary: dict[str, Any] = {
+        name: float(values.mean()) for name, values in scores.columns.items()
+    }
+    summary["psnr_pooled"] = metrics.pooled_psnr(scores.columns["mse"])
+    summary |= {f"psnr_{k}": v for k, v in metrics.percentiles(scores.columns["psnr"]).items()}
+    summary |= scores.aux
+    if scores.kld is not None:
+        summary["kld"] = float(scores.kld.mean())
+    summary["latent"] = latent_summary(trained_cfg, scores.latents)
+    summary["smoothness"] = smoothness(model, scores.first, cfg.seed)
+    summary["cost"] = cost(model, scores.first.images, runtime)
+    summary["gates"] = _gates(summary, cfg.evaluate)
+    _log_nested(live, summary)
+    _log_pictures(live, scores.first, cfg.evaluate.num_sample_images)
+    _write_per_image(data, scores.columns)
+    return summary
 
-    per_image: dict[str, list[torch.Tensor]] = {name: [] for name in PER_IMAGE_COLUMNS}
+
+def score_val_set(
+    model: Autoencoder, data: PreparedData, batch_size: int, runtime: Runtime
+) -> ValScores:
+    """Every PER_IMAGE_METRICS column, the auxiliary scores, KLD and latents of the val split."""
+    columns: dict[str, list[torch.Tensor]] = {name: [] for name in PER_IMAGE_METRICS}
     kld: list[torch.Tensor] = []
     latents: list[torch.Tensor] = []
     aux = metrics.AuxScore(data.aux_classes, data.aux_task, runtime.device)
-    samples: tuple[torch.Tensor, ...] = ()
-    loader = make_loader(data.dataset("val"), batch_size=cfg.evaluate.batch_size)
-    for raw_images, raw_targets in loader:
-        images, targets = to_model_input(raw_images, raw_targets, runtime.device)
-        out = model(images)
-        recon = out.reconstruction.clamp(0, 1)
-        per_image["mse"].append(metrics.per_image_mse(images, recon))
-        per_image["mae"].append(metrics.per_image_mae(images, recon))
-        per_image["psnr"].append(metrics.per_image_psnr(images, recon))
-        per_image["ssim"].append(metrics.per_image_ssim(images, recon))
-        per_image["edge_f1"].append(metrics.edge_f1(images, recon))
-        per_image["hf_psnr"].append(metrics.high_frequency_psnr(images, recon))
-        aux.update(out.aux_logits, targets)
-        if out.mean is not None:
-            kld.append(metrics.gaussian_kld(out.mean, out.logvar))
-        latents.append(out.latent.cpu())
-        if not samples:
-            samples = (images, recon, out.latent)
-    columns = {name: torch.cat(values).cpu() for name, values in per_image.items()}
-    all_latents = torch.cat(latents)
+    first: ValBatch | None = None
+    for batch in val_batches(model, data, batch_size, runtime):
+        for name, metric in PER_IMAGE_METRICS.items():
+            columns[name].append(metric(batch.images, batch.reconstruction))
+        aux.update(batch.out.aux_logits, batch.targets)
+        if batch.out.posterior is not None:
+            kld.append(batch.out.posterior.kl())
+        latents.append(batch.out.latent.cpu())
+        if first is None:
+            first = batch
+    return ValScores(
+        {name: torch.cat(values).cpu() for name, values in columns.items()},
+        aux.compute(),
+        torch.cat(kld) if kld else None,
+        torch.cat(latents),
+        first,
+    )
 
-    summary: dict[str, Any] = {name: float(values.mean()) for name, values in columns.items()}
-    summary["psnr_pooled"] = metrics.pooled_psnr(columns["mse"])
-    summary |= {f"psnr_{k}": v for k, v in metrics.percentiles(columns["psnr"]).items()}
-    summary |= aux.compute()
-    if kld:
-        summary["kld"] = float(torch.cat(kld).mean())
 
+def latent_summary(trained_cfg: Config, latents: torch.Tensor) -> dict[str, Any]:
+    """What a diffusion model trained on these latents sees: shape, compression, statistics."""
     h, w, c = trained_cfg.latent_shape
-    stats = metrics.latent_statistics(all_latents, image_size)
-    summary["latent"] = {
+    stats = metrics.latent_statistics(latents, trained_cfg.data.image_size)
+    return {
         "shape": f"{h}x{w}x{c}",
         "height": h,
         "width": w,
@@ -101,51 +136,26 @@ def _evaluate(
         "channel_mean": dict(enumerate(stats["channel_mean"])),
         "channel_std": dict(enumerate(stats["channel_std"])),
     }
-    summary["smoothness"] = _smoothness(model, samples, runtime.device, cfg.seed)
-    summary["cost"] = _cost(model, samples[0], runtime)
-    # Stability is a property of training: the train stage logs it, the gate here reads it.
-    stability = _read_train_summary(TRAIN_LIVE_DIR / "metrics.json").get("stability", {})
-    summary["gates"] = success_gates(
-        {
-            "mse": summary["mse"],
-            "psnr": summary["psnr"],
-            "latent.compression_ratio": stats["compression_ratio"],
-            "stability.max_spike_ratio": stability.get("max_spike_ratio", math.nan),
-            "stability.nonfinite_count": stability.get("nonfinite_count", 0),
-        },
-        cfg.evaluate,
-    )
-
-    _log_nested(live, summary)
-    images, recon, latent = samples
-    n = cfg.evaluate.num_sample_images
-    live.log_image("reconstructions.png", reconstruction_grid(images[:n], recon[:n]))
-    live.log_image("latent_channels.png", latent_channel_grid(latent[0]))
-    table = pd.DataFrame(
-        {"path": data.manifest.set_index("index").loc[data.split_indices("val"), "path"]}
-    )
-    table = table.reset_index(drop=True).assign(**{k: v.numpy() for k, v in columns.items()})
-    table.sort_values("psnr").to_csv(EVALUATE_LIVE_DIR / PER_IMAGE_CSV, index=False)
-    return summary
 
 
-def _smoothness(model, samples, device: torch.device, seed: int) -> dict[str, float]:
+def smoothness(model: Autoencoder, batch: ValBatch, seed: int) -> dict[str, float]:
     """Decode latent midpoints of neighbouring val images, and latents with 10% noise added."""
-    images, _, latent = samples
+    latent = batch.out.latent
     if len(latent) < 2:
         return {}
     detour = metrics.interpolation_quality(model.decode, latent[:-1], latent[1:])
-    drop = metrics.noise_robustness(model.decode, latent, images, rel_sigma=0.1, seed=seed)
+    drop = metrics.noise_robustness(model.decode, latent, batch.images, rel_sigma=0.1, seed=seed)
     return {"interpolation_detour": float(detour.mean()), "noise_psnr_drop_db": float(drop.mean())}
 
 
-def _cost(model, images: torch.Tensor, runtime) -> dict[str, float]:
+def cost(model: Autoencoder, images: torch.Tensor, runtime: Runtime) -> dict[str, float]:
+    """Parameters, encode and decode throughput and peak memory: fixed costs, not per image."""
     latent = model.encode(images)
     with metrics.peak_memory(runtime.device) as peak:
         model.decode(model.encode(images))
     repeats = 2 if runtime.device.type == "cpu" else 20  # a fixed cost: keep it small here
     return {
-        "params": metrics.count_parameters(model),
+        "params": count_parameters(model),
         "encode_images_per_s": metrics.measure_throughput(
             model.encode, images, repeats, runtime.device
         ),
@@ -154,6 +164,36 @@ def _cost(model, images: torch.Tensor, runtime) -> dict[str, float]:
         ),
         "peak_memory_mb": peak.bytes / 2**20,
     }
+
+
+def _gates(summary: dict[str, Any], cfg: EvaluateConfig) -> dict[str, Any]:
+    # Stability is a property of training: the train stage logs it, the gate here reads it.
+    stability = _read_train_summary(TRAIN_METRICS).get("stability", {})
+    return success_gates(
+        {
+            "mse": summary["mse"],
+            "psnr": summary["psnr"],
+            "latent.compression_ratio": summary["latent"]["compression_ratio"],
+            "stability.max_spike_ratio": stability.get("max_spike_ratio", math.nan),
+            "stability.nonfinite_count": stability.get("nonfinite_count", 0),
+        },
+        cfg,
+    )
+
+
+def _log_pictures(live: Live, batch: ValBatch, count: int) -> None:
+    originals, reconstructions = batch.images[:count], batch.reconstruction[:count]
+    live.log_image(RECONSTRUCTIONS_NAME, reconstruction_grid(originals, reconstructions))
+    live.log_image(LATENT_CHANNELS_NAME, latent_channel_grid(batch.out.latent[0]))
+
+
+def _write_per_image(data: PreparedData, columns: dict[str, torch.Tensor]) -> None:
+    """PER_IMAGE_CSV: one row per val image, worst PSNR first, keyed by its path."""
+    table = pd.DataFrame(
+        {"path": data.manifest.set_index("index").loc[data.split_indices("val"), "path"]}
+    )
+    table = table.reset_index(drop=True).assign(**{k: v.numpy() for k, v in columns.items()})
+    table.sort_values("psnr").to_csv(PER_IMAGE_CSV, index=False)
 
 
 def _log_nested(live: Live, values: dict[str, Any], prefix: str = "") -> None:

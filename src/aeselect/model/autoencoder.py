@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributions import Normal, kl_divergence
 
 from aeselect.config import ModelConfig
 
@@ -163,6 +164,28 @@ class AuxHead(nn.Module):
         return F.interpolate(logits, scale_factor=float(self.scale), mode="bilinear")
 
 
+@dataclass(frozen=True)
+class DiagonalGaussian:
+    """A VAE's posterior N(mean, exp(logvar)) per latent element (diffusers'
+    DiagonalGaussianDistribution): it owns its KL, so the loss and the metrics share one rule."""
+
+    mean: torch.Tensor  # (N, C, h, w)
+    logvar: torch.Tensor  # (N, C, h, w), clamped to LOGVAR_RANGE by the encoder
+
+    def kl(self) -> torch.Tensor:
+        """(N,) KL(N(mean, exp(logvar)) || N(0, 1)) per latent element, averaged over (C, h, w).
+
+        Averaged, not summed as in SD's VAE, so `loss.kl_weight` means the same for every latent
+        size; the batch mean of this is the training loss's KL term. Arguments are not validated,
+        so a diverged run yields NaN here instead of an exception.
+        """
+        posterior = Normal(
+            self.mean.float(), torch.exp(0.5 * self.logvar.float()), validate_args=False
+        )
+        prior = Normal(torch.zeros_like(posterior.loc), torch.ones_like(posterior.scale))
+        return kl_divergence(posterior, prior).flatten(1).mean(dim=1)
+
+
 @dataclass
 class AutoencoderOutput:
     reconstruction: torch.Tensor  # (N, 3, H, W), [0, 1] scale (not clamped while training)
@@ -170,6 +193,13 @@ class AutoencoderOutput:
     aux_logits: torch.Tensor  # (N, K, H, W)
     mean: torch.Tensor | None  # variational only
     logvar: torch.Tensor | None  # variational only
+
+    @property
+    def posterior(self) -> DiagonalGaussian | None:
+        """The posterior of a variational model; None for a deterministic one."""
+        if self.mean is None or self.logvar is None:
+            return None
+        return DiagonalGaussian(self.mean, self.logvar)
 
 
 class Autoencoder(nn.Module):

@@ -27,6 +27,7 @@ import pandas as pd
 
 from aeselect.config import PARAMS_FILE, ConfigError, apply_overrides, flatten, from_dict
 from aeselect.dvc import DvcError, exp_run_command, queue_status, run_dvc
+from aeselect.paths import EVALUATE_METRICS, TRAIN_METRICS
 from aeselect.phases.spec import PhaseError, PhaseRun, PhaseSpec
 
 RUN_DIR = Path(".dvc/tmp/exps/run")
@@ -37,7 +38,7 @@ CODE_PATHS = ("src", "dvc.yaml")
 # p1-1-lc8_2 is lc8's second run; experiment keys never contain "_" (spec.EXPERIMENT_KEY).
 ATTEMPT_SEPARATOR = "_"
 RUN_NAME = re.compile(r"^p[0-9]+-[0-9]+-[a-z0-9][a-z0-9-]*(_[0-9]+)?$")
-METRICS_FILES = ("results/evaluate/metrics.json", "results/train/metrics.json")
+METRICS_FILES = (EVALUATE_METRICS.as_posix(), TRAIN_METRICS.as_posix())
 # Paths whose uncommitted edits a queued experiment would silently snapshot.
 SNAPSHOT_PATHS = ("params.yaml", "dvc.yaml", "src")
 LOCK_RETRIES = 5

@@ -19,10 +19,11 @@ import numpy as np
 import pandas as pd
 
 from aeselect.dvc import read_output
+from aeselect.paths import PER_IMAGE_CSV
 from aeselect.phases.experiments import collect_results
 from aeselect.phases.spec import PhaseSpec
 
-PER_IMAGE_FILE = "results/evaluate/per_image.csv"  # aeselect.evaluation.evaluate, without torch
+PER_IMAGE_FILE = PER_IMAGE_CSV.as_posix()
 PAIRING_KEY = "path"
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 0

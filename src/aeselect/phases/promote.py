@@ -16,6 +16,7 @@ from ruamel.yaml import YAML
 
 from aeselect.config import PARAMS_FILE, EvaluateConfig, apply_overrides, from_dict, read_yaml
 from aeselect.evaluation.gates import gate_bounds
+from aeselect.paths import EXPORT_PATH
 from aeselect.phases.decide import Ranking, column, rank
 from aeselect.phases.experiments import dirty_paths, git, parse_run_name
 from aeselect.phases.noise import (
@@ -45,7 +46,7 @@ HEADLINE = [
     "train_time_s",
     "gates.pass_all",
 ]
-HANDOFF_FILE = "export/autoencoder.pt"  # aeselect.handoff.EXPORT_PATH, without importing torch
+HANDOFF_FILE = EXPORT_PATH.as_posix()
 
 
 def decision_path(phase_id: str, repo: Path) -> Path:

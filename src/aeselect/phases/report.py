@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
+from aeselect import paths
 from aeselect.dvc import read_output, read_output_dir
 from aeselect.phases.decide import VERDICTS, Ranking, column, describe_difference, rank
 from aeselect.phases.noise import (
@@ -23,10 +24,10 @@ from aeselect.phases.noise import (
 )
 from aeselect.phases.promote import HEADLINE, read_decision
 from aeselect.phases.spec import REPEAT_SEED_KEY, REPORTS_DIR, PhaseSpec
+from aeselect.scoring.layout import GRID_PADDING, grid_column, tile_box
 
-RECONSTRUCTIONS = "results/evaluate/plots/images/reconstructions.png"
-VAL_CURVES_DIR = "results/train/plots/metrics/val"
-GRID_PADDING = 2  # torchvision make_grid's padding in evaluation/images.py
+RECONSTRUCTIONS = paths.RECONSTRUCTIONS.as_posix()
+VAL_CURVES_DIR = paths.VAL_CURVES_DIR.as_posix()
 DIFFERENCE = "Δ vs best [95% CI]"
 
 
@@ -60,11 +61,7 @@ def side_by_side(repo: Path, done: pd.DataFrame, image_size: int) -> Image.Image
     columns: list[Image.Image] = []
     for i, (_, row) in enumerate(done.iterrows()):
         grid = Image.open(io.BytesIO(read_output(repo, RECONSTRUCTIONS, row["rev"]))).convert("RGB")
-        step = image_size + GRID_PADDING
-        for col in [0, 1] if i == 0 else [1]:
-            columns.append(
-                grid.crop((col * step, 0, col * step + step + GRID_PADDING, grid.height))
-            )
+        columns += [grid_column(grid, col, image_size) for col in ([0, 1] if i == 0 else [1])]
     if not columns:
         return None
     out = Image.new("RGB", (sum(c.width for c in columns), max(c.height for c in columns)), "white")
@@ -127,9 +124,8 @@ def detail_zoom(grid: Image.Image, image_size: int, factor: int = 4) -> Image.Im
 
     from aeselect.imageops import sobel_magnitude
 
-    step = image_size + GRID_PADDING
     original = torch.from_numpy(
-        np.asarray(grid.crop((GRID_PADDING, GRID_PADDING, step, step)), dtype=np.float32) / 255
+        np.asarray(grid.crop(tile_box(0, 0, image_size)), dtype=np.float32) / 255
     ).permute(2, 0, 1)[None]
     half = image_size // 2
     energy = sobel_magnitude(original)[0]

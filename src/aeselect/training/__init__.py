@@ -1,1 +1,1 @@
-"""Training: the loss, the loop, checkpoints."""
+"""Training: the loss, the loop, DDP, and surviving preemption."""

@@ -49,8 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
 from aeselect.config import Config, ConfigError
-from aeselect.envvars import NNODES_ENV, NPROC_ENV, THREADS_ENV
-from aeselect.training.resume import PREEMPTED_EXIT_CODE
+from aeselect.envvars import NNODES_ENV, NPROC_ENV, PREEMPTED_EXIT_CODE, THREADS_ENV
 
 # Longer than rank 0's validation + checkpoint, during which the other ranks wait in a collective
 # (at 512px a few thousand val images take minutes); a rank that dies is caught by torchrun's

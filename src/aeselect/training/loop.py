@@ -1,7 +1,10 @@
-"""The training loop, readable top to bottom: data, model, optimiser, then one `for step` loop.
+"""The training loop, readable top to bottom: data, model, optimiser, then one `for step` loop that
+ends at `train.max_steps` or, on a stop request, at the next log boundary.
 
 Host syncs happen only at log and eval intervals: per-step loss terms stay on the device and a
-non-finite loss is found, with its exact step and terms, when the window is read.
+non-finite loss is found, with its exact step and terms, when the window is read. What a resumed
+run continues from is one dict, `state` (STATE_KEYS); a preemption snapshot is that dict with the
+model and optimiser state added, and is what `resume_state` gives back.
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ from tqdm import tqdm
 
 from aeselect.config import Config
 from aeselect.data.dataset import PreparedData, StepBatchSampler, make_loader, to_model_input
-from aeselect.evaluation import metrics
-from aeselect.evaluation.images import reconstruction_grid
 from aeselect.model import Autoencoder
+from aeselect.model.checkpoint import save_checkpoint
+from aeselect.paths import BEST_CHECKPOINT, LAST_CHECKPOINT
 from aeselect.runtime import Runtime, seed_everything, select_runtime, step_generator
+from aeselect.scoring import metrics
+from aeselect.scoring.images import reconstruction_grid
+from aeselect.scoring.validation import val_batches
 from aeselect.training import distributed
-from aeselect.training.checkpoint import BEST, LAST, save_checkpoint
 from aeselect.training.loss import compute_loss
 from aeselect.training.resume import Preempted, StopRequest, save_snapshot
 
-TRAIN_LIVE_DIR = Path("results/train")
+STATE_KEYS = ("step", "best_val_mse", "best_step", "loss_history", "val_history", "train_seconds")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,26 +63,21 @@ def validate(
 ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """Val-set MSE, PSNR, KLD and auxiliary scores, plus the first images for a grid."""
     model.eval()
-    loader = make_loader(data.dataset("val"), batch_size=cfg.evaluate.batch_size)
     aux = metrics.AuxScore(data.aux_classes, data.aux_task, runtime.device)
     sums: dict[str, float] = {}
     count = 0
     samples: list[torch.Tensor] = []
     recon_samples: list[torch.Tensor] = []
-    for raw_images, raw_targets in loader:
-        images, targets = to_model_input(
-            raw_images, raw_targets, runtime.device, runtime.channels_last
-        )
-        with runtime.autocast():
-            out = model(images)
-        reconstruction = out.reconstruction.float().clamp(0, 1)
+    for images, targets, out, reconstruction in val_batches(
+        model, data, cfg.evaluate.batch_size, runtime
+    ):
         aux.update(out.aux_logits, targets)
         batch = {
             "mse": metrics.per_image_mse(images, reconstruction).sum().item(),
             "psnr": metrics.per_image_psnr(images, reconstruction).sum().item(),
         }
-        if out.mean is not None:
-            batch["kld"] = metrics.gaussian_kld(out.mean.float(), out.logvar.float()).sum().item()
+        if out.posterior is not None:
+            batch["kld"] = out.posterior.kl().sum().item()
         for key, value in batch.items():
             sums[key] = sums.get(key, 0.0) + value
         count += len(images)
@@ -125,6 +125,36 @@ def build_model(
     return model, forward, optimizer
 
 
+def train_step(
+    forward: torch.nn.Module,
+    model: Autoencoder,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    step: int,
+    cfg: Config,
+    runtime: Runtime,
+) -> dict[str, torch.Tensor]:
+    """One optimisation step at `step` (lr schedule, forward, loss, backward, clipping, AdamW);
+    returns the loss terms, still on the device. `forward` runs the model, `model` owns the
+    parameters (they differ under DDP and torch.compile)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    with runtime.autocast():
+        out = forward(
+            images,
+            generator=step_generator(cfg.train.seed, step, runtime.device),
+            batch_rows=distributed.batch_rows(len(images)),
+        )
+    loss, terms = compute_loss(out, images, targets, cfg.loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    optimizer.step()
+    return terms
+
+
 def train(
     cfg: Config,
     data: PreparedData,
@@ -143,23 +173,71 @@ def train(
     runtime = select_runtime(cfg.train)
     seed_everything(cfg.train.seed)
     print(f"[train] device {runtime.describe()}, bf16={runtime.bf16}", file=sys.stderr)
-
     model, forward, optimizer = build_model(cfg, data.aux_classes, runtime)
-
-    best_val_mse, best_step = float("inf"), -1
-    loss_history: list[float] = []
-    val_history: list[float] = []
-    train_seconds = 0.0
-    start_step = 0
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        start_step = resume_state["step"]
-        best_val_mse, best_step = resume_state["best_val_mse"], resume_state["best_step"]
-        loss_history, val_history = resume_state["loss_history"], resume_state["val_history"]
-        train_seconds = resume_state["train_seconds"]
-        print(f"[train] resumed at step {start_step} from {snapshot}", file=sys.stderr)
+    state = _start_state(resume_state, model, optimizer, snapshot)
     stop = StopRequest(announce=rank.is_main) if snapshot is not None else None
+    loader = train_loader(cfg, data, state["step"], runtime)
+    progress = tqdm(
+        total=cfg.train.max_steps,
+        initial=state["step"],
+        disable=not (rank.is_main and sys.stderr.isatty()),
+    )
+    window: list[dict[str, torch.Tensor]] = []
+    stopping = False
+    model.train()
+    tick = time.perf_counter()
+    for step, (raw_images, raw_targets) in enumerate(loader, start=state["step"]):
+        images, targets = to_model_input(
+            raw_images, raw_targets, runtime.device, runtime.channels_last
+        )
+        window.append(train_step(forward, model, optimizer, images, targets, step, cfg, runtime))
+        progress.update(1)
+        state["step"] = done = step + 1
+        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+            _log_window(distributed.mean_over_ranks(window), state, cfg, live, progress)
+            window = []
+            # Every rank stops at the same boundary when any one of them was signalled.
+            stopping = stop is not None and distributed.any_rank(
+                stop.requested is not None, runtime.device
+            )
+        if live is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
+            state["train_seconds"] += time.perf_counter() - tick
+            val = _validate_and_log(forward, data, cfg, runtime, live, state)
+            _save_checkpoints(model, optimizer, cfg, data, models_dir, state, val["mse"])
+            tick = time.perf_counter()
+        if stopping:
+            state["train_seconds"] += time.perf_counter() - tick
+            break
+    progress.close()
+    if stopping:
+        _stop_with_snapshot(model, optimizer, state, live, models_dir, snapshot, stop)
+    return _finish(cfg, state, live, runtime, rank)
+
+
+def _start_state(
+    resume_state: dict | None,
+    model: Autoencoder,
+    optimizer: torch.optim.Optimizer,
+    snapshot: Path | None,
+) -> dict:
+    """A fresh run's state, or the resumed one's with the model and optimiser restored."""
+    if resume_state is None:
+        return {
+            "step": 0,
+            "best_val_mse": float("inf"),
+            "best_step": -1,
+            "loss_history": [],
+            "val_history": [],
+            "train_seconds": 0.0,
+        }
+    model.load_state_dict(resume_state["model"])
+    optimizer.load_state_dict(resume_state["optimizer"])
+    print(f"[train] resumed at step {resume_state['step']} from {snapshot}", file=sys.stderr)
+    return {key: resume_state[key] for key in STATE_KEYS}
+
+
+def train_loader(cfg: Config, data: PreparedData, start_step: int, runtime: Runtime):
+    """The batches of steps start_step .. max_steps - 1, this rank's share of each."""
     sampler = StepBatchSampler(
         len(data.dataset("train")),
         cfg.train.batch_size,
@@ -167,128 +245,119 @@ def train(
         start_step,
         cfg.train.max_steps,
     )
-    loader = make_loader(
+    return make_loader(
         data.dataset("train"),
         batch_sampler=distributed.shard(sampler),
         num_workers=cfg.train.num_workers,
         pin_memory=runtime.device.type == "cuda",
     )
 
-    window: list[dict[str, torch.Tensor]] = []
-    progress = tqdm(
-        total=cfg.train.max_steps,
-        initial=start_step,
-        disable=not (rank.is_main and sys.stderr.isatty()),
+
+def _log_window(
+    window: list[dict[str, torch.Tensor]], state: dict, cfg: Config, live: Live | None, progress
+) -> None:
+    """The window's loss terms (averaged over ranks): checked, kept, logged as means."""
+    done = state["step"]
+    _raise_if_nonfinite(window, done - len(window))
+    state["loss_history"] += torch.stack([t["total"] for t in window]).tolist()
+    if live is not None:
+        live.step = done
+        for name in window[0]:
+            live.log_metric(f"loss/{name}", torch.stack([t[name] for t in window]).mean().item())
+        live.log_metric("lr", lr_at(done - 1, cfg))
+    progress.set_postfix(loss=f"{float(window[-1]['total']):.4f}")
+
+
+def _validate_and_log(
+    forward: torch.nn.Module,
+    data: PreparedData,
+    cfg: Config,
+    runtime: Runtime,
+    live: Live,
+    state: dict,
+) -> dict[str, float]:
+    """Score the val set, log the scores and a reconstruction grid at the current step."""
+    done = state["step"]
+    val, originals, reconstructions = validate(
+        forward, data, cfg, runtime, cfg.evaluate.num_sample_images
     )
-    stop_now = False
-    model.train()
-    tick = time.perf_counter()
-    for step, (raw_images, raw_targets) in enumerate(loader, start=start_step):
-        images, targets = to_model_input(
-            raw_images, raw_targets, runtime.device, runtime.channels_last
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+    state["val_history"].append(val["mse"])
+    live.step = done
+    for name, value in val.items():
+        live.log_metric(f"val/{name}", value)
+    live.log_image(
+        f"val_reconstructions/step_{done:06d}.png",
+        reconstruction_grid(originals, reconstructions, with_error=False),
+    )
+    return val
 
-        with runtime.autocast():
-            out = forward(
-                images,
-                generator=step_generator(cfg.train.seed, step, runtime.device),
-                batch_rows=distributed.batch_rows(len(images)),
-            )
-        loss, terms = compute_loss(out, images, targets, cfg.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        window.append(terms)
-        progress.update(1)
 
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-            window = distributed.mean_over_ranks(window)
-            _raise_if_nonfinite(window, done - len(window))
-            loss_history += torch.stack([t["total"] for t in window]).tolist()
-            if live is not None:
-                live.step = done
-                for name in window[0]:
-                    live.log_metric(
-                        f"loss/{name}", torch.stack([t[name] for t in window]).mean().item()
-                    )
-                live.log_metric("lr", lr_at(step, cfg))
-            progress.set_postfix(loss=f"{float(window[-1]['total']):.4f}")
-            window = []
-            # Every rank stops at the same boundary when any one of them was signalled.
-            stop_now = stop is not None and distributed.any_rank(
-                stop.requested is not None, runtime.device
-            )
+def _save_checkpoints(
+    model: Autoencoder,
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    data: PreparedData,
+    models_dir: Path,
+    state: dict,
+    val_mse: float,
+) -> None:
+    """last.pt at every evaluation, best.pt when the val MSE is the lowest so far."""
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": state["step"],
+        "val_mse": val_mse,
+        "config": cfg.to_dict(),
+        "aux_task": data.aux_task,
+        "aux_classes": data.aux_classes,
+    }
+    if val_mse < state["best_val_mse"]:
+        state["best_val_mse"], state["best_step"] = val_mse, state["step"]
+        save_checkpoint(models_dir / BEST_CHECKPOINT.name, **checkpoint)
+    best = {"best_val_mse": state["best_val_mse"], "best_step": state["best_step"]}
+    save_checkpoint(models_dir / LAST_CHECKPOINT.name, **checkpoint, **best)
 
-        if live is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
-            train_seconds += time.perf_counter() - tick
-            val, originals, reconstructions = validate(
-                forward, data, cfg, runtime, cfg.evaluate.num_sample_images
-            )
-            val_history.append(val["mse"])
-            live.step = done
-            for name, value in val.items():
-                live.log_metric(f"val/{name}", value)
-            live.log_image(
-                f"val_reconstructions/step_{done:06d}.png",
-                reconstruction_grid(originals, reconstructions, with_error=False),
-            )
-            checkpoint = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": done,
-                "val_mse": val["mse"],
-                "config": cfg.to_dict(),
-                "aux_task": data.aux_task,
-                "aux_classes": data.aux_classes,
-            }
-            if val["mse"] < best_val_mse:
-                best_val_mse, best_step = val["mse"], done
-                save_checkpoint(models_dir / BEST, **checkpoint)
-            save_checkpoint(
-                models_dir / LAST, **checkpoint, best_val_mse=best_val_mse, best_step=best_step
-            )
-            tick = time.perf_counter()
 
-        if stop_now:
-            train_seconds += time.perf_counter() - tick
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": done,
-                "best_val_mse": best_val_mse,
-                "best_step": best_step,
-                "loss_history": loss_history,
-                "val_history": val_history,
-                "train_seconds": train_seconds,
-            }
-            if live is not None:
-                live.make_summary()
-                save_snapshot(snapshot, state, [models_dir, Path(live.dir)])
-            distributed.barrier()  # the others exit only once rank 0's snapshot is complete
-            progress.close()
-            raise Preempted(
-                f"stopped at step {done} on signal {stop.requested or 'to another rank'}; "
-                f"resume: {snapshot}"
-            )
-    progress.close()
+def _stop_with_snapshot(
+    model: Autoencoder,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    live: Live | None,
+    models_dir: Path,
+    snapshot: Path,
+    stop: StopRequest,
+) -> None:
+    """Rank 0 saves the resume snapshot (state, weights, optimiser, outputs); all ranks raise
+    Preempted."""
+    if live is not None:
+        live.make_summary()
+        resume = {"model": model.state_dict(), "optimizer": optimizer.state_dict()} | state
+        save_snapshot(snapshot, resume, [models_dir, Path(live.dir)])
+    distributed.barrier()  # the others exit only once rank 0's snapshot is complete
+    raise Preempted(
+        f"stopped at step {state['step']} on signal {stop.requested or 'to another rank'}; "
+        f"resume: {snapshot}"
+    )
 
+
+def _finish(
+    cfg: Config, state: dict, live: Live | None, runtime: Runtime, rank: distributed.Rank
+) -> TrainResult:
+    """The result, and (rank 0) the run's summary metrics: best, time, speed, stability."""
     # train_seconds spans every segment of a resumed run, so the steps counted must too.
-    images_per_s = cfg.train.max_steps * cfg.train.batch_size / max(train_seconds, 1e-9)
-    result = TrainResult(best_val_mse, best_step, train_seconds, images_per_s)
+    seconds = state["train_seconds"]
+    images_per_s = cfg.train.max_steps * cfg.train.batch_size / max(seconds, 1e-9)
+    result = TrainResult(state["best_val_mse"], state["best_step"], seconds, images_per_s)
     if live is None:
         return result
-    live.log_metric("best/val_mse", best_val_mse, plot=False)
-    live.log_metric("best/step", best_step, plot=False)
-    live.log_metric("train_time_s", train_seconds, plot=False)
+    live.log_metric("best/val_mse", result.best_val_mse, plot=False)
+    live.log_metric("best/step", result.best_step, plot=False)
+    live.log_metric("train_time_s", seconds, plot=False)
     live.log_metric("images_per_s", images_per_s, plot=False)
     processes = f", {rank.world_size} processes (DDP)" if rank.distributed else ""
     live.log_metric("device", runtime.describe() + processes, plot=False)
-    for name, value in metrics.training_stability(loss_history, val_history).items():
+    stability = metrics.training_stability(state["loss_history"], state["val_history"])
+    for name, value in stability.items():
         live.log_metric(f"stability/{name}", value, plot=False)
     live.make_summary()  # records the final step (a resumed Live would keep the snapshot's)
     return result

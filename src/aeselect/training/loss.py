@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from aeselect.config import LossConfig
-from aeselect.evaluation.metrics import gaussian_kld
 from aeselect.model import AutoencoderOutput
 
 
@@ -25,9 +24,9 @@ def compute_loss(
         + weights.l1_weight * terms["l1"]
         + weights.aux_weight * terms["aux_ce"]
     )
-    if out.mean is not None and out.logvar is not None:
+    if out.posterior is not None:
         # Per-element mean (not SD's sum) keeps kl_weight comparable across latent shapes.
-        terms["kl"] = gaussian_kld(out.mean, out.logvar).mean()
+        terms["kl"] = out.posterior.kl().mean()
         total = total + weights.kl_weight * terms["kl"]
     terms["total"] = total
     return total, {name: value.detach() for name, value in terms.items()}

@@ -3,9 +3,9 @@
 SLURM warns a job (`--signal=B:USR1@...`) before SIGTERM and SIGKILL. On SIGUSR1 or SIGTERM the
 train loop finishes its current logging window, snapshots everything a continuation needs (model,
 optimiser, step, histories, the dvclive directory and the checkpoints) under
-`$AESELECT_RESUME_DIR/<key>/`, and exits with PREEMPTED_EXIT_CODE. DVC 3 has no checkpoints of its
-own, so the key is derived from what determines the run (resolved config + prepared data): the
-same experiment, requeued, finds its snapshot; any other experiment never does.
+`$AESELECT_RESUME_DIR/<key>/`, and exits with envvars.PREEMPTED_EXIT_CODE. DVC 3 has no
+checkpoints of its own, so the key is derived from what determines the run (resolved config +
+prepared data): the same experiment, requeued, finds its snapshot; any other experiment never does.
 """
 
 from __future__ import annotations
@@ -21,10 +21,8 @@ from typing import Any
 import torch
 
 from aeselect.config import Config
+from aeselect.envvars import PIDFILE_ENV, RESUME_DIR_ENV
 
-RESUME_DIR_ENV = "AESELECT_RESUME_DIR"
-PIDFILE_ENV = "AESELECT_PIDFILE"  # set by aeselect.cluster.drain for each experiment
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: try again later
 STATE_FILE = "state.pt"
 
 

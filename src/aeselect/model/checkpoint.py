@@ -1,4 +1,7 @@
-"""Checkpoints: dicts of tensors and primitives, so `torch.load(weights_only=True)` loads them."""
+"""Checkpoints: dicts of tensors and primitives, so `torch.load(weights_only=True)` loads them.
+
+Written by training, read by evaluation and the hand-off: below all three, so none imports another.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +12,7 @@ from typing import Any, BinaryIO
 import torch
 
 from aeselect.config import Config, from_dict
-from aeselect.model import Autoencoder
-
-MODELS_DIR = Path("models")
-BEST = "best.pt"
-LAST = "last.pt"
+from aeselect.model.autoencoder import Autoencoder
 
 
 def save_checkpoint(path: Path, **payload: Any) -> None:

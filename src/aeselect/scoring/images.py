@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
+
+from aeselect.scoring.layout import GRID_PADDING
 
 
 def to_pil(grid: torch.Tensor) -> Image.Image:
-    """(3, H, W) float in [0, 1] -> RGB PIL image."""
-    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(array))
+    """(3, H, W) float in [0, 1] -> RGB PIL image, each value rounded to the nearest of 256 levels
+    (to_pil_image would truncate a float tensor, darkening it by half a level on average)."""
+    return to_pil_image((grid.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
 
 
 def error_heatmap(
@@ -34,7 +36,7 @@ def reconstruction_grid(
     if with_error:
         columns.append(error_heatmap(originals, reconstructions))
     tiles = torch.stack(columns, dim=1).flatten(0, 1)
-    return to_pil(make_grid(tiles, nrow=len(columns), padding=2, pad_value=1.0))
+    return to_pil(make_grid(tiles, nrow=len(columns), padding=GRID_PADDING, pad_value=1.0))
 
 
 def latent_channel_grid(latent: torch.Tensor, tile: int = 64) -> Image.Image:
@@ -47,6 +49,9 @@ def latent_channel_grid(latent: torch.Tensor, tile: int = 64) -> Image.Image:
     normalised = torch.nn.functional.interpolate(normalised, scale_factor=scale, mode="nearest")
     return to_pil(
         make_grid(
-            normalised.expand(-1, 3, -1, -1), nrow=min(8, len(channels)), padding=2, pad_value=1.0
+            normalised.expand(-1, 3, -1, -1),
+            nrow=min(8, len(channels)),
+            padding=GRID_PADDING,
+            pad_value=1.0,
         )
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import resource
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from torch.distributions import Normal, kl_divergence
+from torch.utils.benchmark import Timer
 from torchmetrics.classification import (
     BinaryF1Score,
     MulticlassAccuracy,
@@ -35,15 +34,12 @@ from torchmetrics.functional.image import (
 )
 
 from aeselect.imageops import EDGE_THRESHOLD, edge_map
-from aeselect.model.autoencoder import count_parameters
 
 __all__ = [
     "PSNR_CAP_DB",
     "AuxScore",
     "PeakMemory",
-    "count_parameters",
     "edge_f1",
-    "gaussian_kld",
     "high_frequency_psnr",
     "interpolation_quality",
     "latent_statistics",
@@ -206,18 +202,6 @@ class AuxScore:
         return {name: float(score.compute()) for name, score in self.scores.items()}
 
 
-def gaussian_kld(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """(N,) KL(N(mean, exp(logvar)) || N(0, 1)) per latent element, averaged over (C, h, w).
-
-    Averaged, not summed as in SD's VAE, so `loss.kl_weight` means the same for every latent
-    size; the batch mean of this is the training loss's KL term. Arguments are not validated,
-    so a diverged run yields NaN here instead of an exception.
-    """
-    posterior = Normal(mean.float(), torch.exp(0.5 * logvar.float()), validate_args=False)
-    prior = Normal(torch.zeros_like(posterior.loc), torch.ones_like(posterior.scale))
-    return kl_divergence(posterior, prior).flatten(1).mean(dim=1)
-
-
 def latent_statistics(latents: torch.Tensor, image_size: int | tuple[int, int]) -> dict:
     """What a diffusion model will see: per-channel mean/std, overall std, size and compression.
 
@@ -283,35 +267,25 @@ def noise_robustness(
     return clean - noisy
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_throughput(
     fn: Callable[[torch.Tensor], object],
     batch: torch.Tensor,
     repeats: int = 10,
     device: torch.device | str = "cpu",
-    warmup: int = 2,
 ) -> float:
-    """Images per second of `fn(batch)` under inference mode, after `warmup` untimed calls.
+    """Images per second of `fn(batch)` under inference mode, the mean of `repeats` calls.
 
-    The warm-up absorbs one-off costs (cuDNN autotuning, allocator growth, compilation); CUDA
-    is synchronised around the timed loop because kernels run asynchronously.
+    torch.utils.benchmark.Timer makes 2 untimed warm-up calls first (they absorb cuDNN
+    autotuning, allocator growth, compilation) and synchronises the accelerator around the timed
+    calls, whose kernels run asynchronously; it runs on all of torch's threads, as evaluate does.
     """
-    device = torch.device(device)
     batch = batch.to(device)
+    timer = Timer(
+        "fn(batch)", globals={"fn": fn, "batch": batch}, num_threads=torch.get_num_threads()
+    )
     with torch.inference_mode():
-        for _ in range(warmup):
-            fn(batch)
-        _synchronize(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn(batch)
-        _synchronize(device)
-        elapsed = time.perf_counter() - start
-    return repeats * batch.shape[0] / elapsed
+        seconds = timer.timeit(repeats).mean
+    return batch.shape[0] / seconds
 
 
 @dataclass
