@@ -203,7 +203,8 @@ def test_a_success_that_never_reached_the_remotes_is_named_not_ranked(shared, tm
     user, plan = shared
     spec = load_phase("1.1", user / "phases")
     subprocess.run(["dvc", "init", "-q"], cwd=user, check=True)
-    subprocess.run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "store")], cwd=user)
+    store = ["dvc", "remote", "add", "-d", "store", str(tmp_path / "store")]
+    subprocess.run(store, cwd=user, check=True, capture_output=True)
     Claim(NAMES[3], {}, plan=plan.id).save(user)
     job = SharedClaims(job_clone(tmp_path, plan, "5"), plan)
     job.take(NAMES[3], record("5", "success"))  # its `dvc exp push` failed: pushed stays False
@@ -224,9 +225,11 @@ def test_a_pulled_experiment_counts_only_while_it_passes_the_baseline_check(tmp_
     for path in (user / "phases").glob("phase*.yaml"):
         path.unlink()
     (user / "phases" / "phase1_1.yaml").write_text(PHASE.split("  e1:")[0])  # e0 alone
-    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(tmp_path / "remote.git")])
+    remote = ["git", "init", "-q", "--bare", "-b", "main", str(tmp_path / "remote.git")]
+    subprocess.run(remote, check=True)
     git(user, "remote", "add", "origin", str(tmp_path / "remote.git"))
-    subprocess.run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "store")], cwd=user)
+    store = ["dvc", "remote", "add", "-d", "store", str(tmp_path / "store")]
+    subprocess.run(store, cwd=user, check=True, capture_output=True)
     git(user, "add", "-A")
     git(user, "commit", "-q", "-m", "phase and remotes")
     git(user, "push", "-q", "origin", "main")
