@@ -16,9 +16,9 @@ from conftest import ROOT, git
 
 from aeselect.config import EvaluateConfig
 from aeselect.demo import decision_summary
-from aeselect.dvc import run_dvc
+from aeselect.dvc import exp_run_command, run_dvc
 from aeselect.phases.decide import rank
-from aeselect.phases.experiments import dvc_command, experiment_params
+from aeselect.phases.experiments import experiment_params
 from aeselect.phases.promote import set_params, success_criteria
 from aeselect.phases.spec import Criterion, DecisionRule, PhaseError, all_phases, load_phase
 
@@ -155,7 +155,8 @@ def test_extra_sets_apply_to_every_experiment_but_never_override_one(tmp_path):
     }
     with pytest.raises(PhaseError, match="run 'p1-1-lc2' sets this itself"):
         experiment_params(spec, lc2, {"model.latent_channels": 8})
-    assert dvc_command("p1-1-lc2", {"model.variational": True, "loss.kl_weight": 0.001}) == [
+    sets = {"model.variational": True, "loss.kl_weight": 0.001}
+    assert exp_run_command("p1-1-lc2", sets, queue=True) == [
         "exp",
         "run",
         "--queue",

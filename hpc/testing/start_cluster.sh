@@ -171,6 +171,8 @@ SelectTypeParameters=CR_CPU
 $gres_types
 $hw NodeAddr=127.0.0.1$gres_node State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# A second partition on the same node: two profiles (two "clusters") sharing one phase.
+PartitionName=second Nodes=ALL MaxTime=INFINITE State=UP
 EOF
 )"
 new_gres=""

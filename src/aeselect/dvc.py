@@ -7,13 +7,14 @@ with analytics off and returns its output or raises with DVC's own message.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, Any, NamedTuple
 
 
 class DvcError(RuntimeError):
@@ -123,3 +124,71 @@ def start_queue_workers(jobs: int, cwd: Path | str, env: dict[str, str] | None =
         )
     if result.returncode != 0:
         raise DvcError(f"`dvc queue start -j {jobs}` failed (exit {result.returncode}); see {log}")
+
+
+def exp_run_command(name: str, params: dict[str, Any], *, queue: bool) -> list[str]:
+    """`dvc exp run --queue|--temp -n NAME -S k=v ...` as an argument list (values in YAML
+    syntax): `--queue` declares the experiment, `--temp` runs it now in a temporary workspace."""
+    sets: list[str] = []
+    for key, value in params.items():
+        sets += ["-S", f"{key}={json.dumps(value)}"]
+    return ["exp", "run", "--queue" if queue else "--temp", "-n", name, *sets]
+
+
+def start_exp_run(
+    name: str,
+    params: dict[str, Any],
+    cwd: Path,
+    *,
+    env: dict[str, str],
+    log: IO[str],
+    label: str,
+    preexec_fn=None,
+) -> subprocess.Popen:
+    """Start one experiment now (`dvc exp run --temp`), its output appended to `log`; the
+    caller waits for it (the drainer runs several side by side)."""
+    args = exp_run_command(name, params, queue=False)
+    log.write(f"{label}: dvc {' '.join(args)}\n")
+    log.flush()
+    return subprocess.Popen(
+        [dvc_executable(), *args],
+        cwd=cwd,
+        env=dvc_env(env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=preexec_fn,
+    )
+
+
+def default_remote(cwd: Path | str) -> str | None:
+    """The project's default DVC remote (`dvc remote default`), None when none is set."""
+    result = run_dvc(["remote", "default"], cwd=cwd, check=False)
+    name = (result.stdout or "").strip()
+    return name if result.returncode == 0 and name and " " not in name else None
+
+
+def remote_url(cwd: Path | str, name: str) -> str:
+    """The URL of DVC remote `name` (`dvc remote list`)."""
+    for line in run_dvc(["remote", "list"], cwd=cwd).stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == name:
+            return fields[1]
+    raise DvcError(f"no DVC remote {name!r} in `dvc remote list` ({cwd})")
+
+
+def set_default_remote(cwd: Path | str, name: str, url: str) -> None:
+    """This clone's own (`--local`) default DVC remote, as another clone has it."""
+    run_dvc(["remote", "add", "--local", "--force", "--default", name, url], cwd=cwd)
+
+
+def exp_push(cwd: Path | str, git_remote: str, names: list[str]) -> None:
+    """`dvc exp push GIT_REMOTE NAME...`: the experiments' Git refs to the Git remote and their
+    outputs to the default DVC remote (not the run cache: a result is found by its name)."""
+    out = run_dvc(["exp", "push", git_remote, *names], cwd=cwd).stdout
+    if "has diverged" in out:  # DVC reports it and exits 0: the remote keeps another run
+        raise DvcError(f"`dvc exp push {git_remote} {' '.join(names)}` in {cwd}:\n{out}")
+
+
+def exp_pull(cwd: Path | str, git_remote: str, names: list[str]) -> None:
+    """`dvc exp pull GIT_REMOTE NAME...`: the experiments' refs and outputs into this clone."""
+    run_dvc(["exp", "pull", git_remote, *names], cwd=cwd)

@@ -14,6 +14,10 @@ from aeselect.phases.run import wait_for_phase
 from aeselect.phases.spec import PhaseError, PhaseSpec, all_phases, load_phase
 
 
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def _repo(args: argparse.Namespace) -> Path:
     return Path(args.repo).resolve()
 
@@ -81,7 +85,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     repo = _repo(args)
     if args.phase is None:
         return cmd_show(args)
+    from aeselect.cluster.home import follow, where_ran
+
     spec = _spec(args)
+    follow(repo, spec)  # a phase shared between jobs: their claims on the Git remote
+    where = where_ran(repo, spec)
     view = load_phase_runs(repo, spec, sweep_of(args, repo, spec))
     bad = 0
     for phase_run in spec.runs():
@@ -99,18 +107,23 @@ def cmd_status(args: argparse.Namespace) -> int:
                 bad += 1
             if run.status in ("Failed", "Stuck"):
                 log = run.task.log_path(repo) if run.task else None
-                line += f"  log: {log.relative_to(repo) if log else '(none)'}"
+                shown = log.relative_to(repo) if log and log.is_relative_to(repo) else log
+                line += f"  log: {shown or '(none)'}"  # a shared job's is in its own clone
             if run is current and run.status == "Stuck":
                 line += "  (its worker is gone: `dvc queue kill`/`remove` it and queue again)"
+            if run.name in where:
+                line += f"  {where[run.name]}"
             print(line)
     return 1 if bad else 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from aeselect.cluster.home import bring_home
     from aeselect.phases.decide import VERDICTS
     from aeselect.phases.report import compare, display_table
 
     repo, spec = _repo(args), _spec(args)
+    bring_home(repo, spec, echo=_note)
     result = compare(repo, spec, sweep_of(args, repo, spec))
     ranking = result.ranking
     table = ranking.table if ranking else result.phase.experiments
@@ -125,9 +138,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    from aeselect.cluster.home import bring_home
     from aeselect.phases.promote import promote
 
     repo, spec = _repo(args), _spec(args)
+    bring_home(repo, spec, echo=_note)
     decision = promote(repo, spec, sweep_of(args, repo, spec), pick=args.pick, why=args.why)
     print(f"{decision['commit']} {decision['commit_message']}\nwhy: {decision['rationale']}")
     return 0
@@ -157,21 +172,33 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_drain(args: argparse.Namespace) -> int:
     from aeselect.cluster.drain import drain
 
-    return drain(_repo(args), _spec(args), args.jobs)
+    return drain(_repo(args), _spec(args), args.jobs, args.plan, args.profile)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from aeselect.cluster.slurm import check_fits, load_profile, submit
+    from aeselect.cluster.slurm import check_fits, load_profiles, submit, submit_shared
 
+    repo, spec = _repo(args), _spec(args)
+    profiles = load_profiles(repo, args.cluster)
+    if len(profiles) > 1:  # one job per profile, sharing the phase
+        return submit_shared(
+            repo,
+            spec,
+            args.cluster,
+            dry_run=args.dry_run,
+            queue=lambda: queue(args),
+            sweep=sweep_of(args, repo, spec),
+            retry_failed=not args.no_retry,
+        )
     # A bad profile must not leave the phase queued.
-    check_fits(_spec(args), load_profile(_repo(args), args.cluster))
+    check_fits(spec, profiles[0])
     if not args.dry_run:
         if shutil.which("sbatch") is None:
             raise PhaseError(
                 "sbatch is not on PATH: submit from a login node (or module load slurm)"
             )
         cmd_queue(args)
-    return submit(_repo(args), _spec(args), args.cluster, dry_run=args.dry_run)
+    return submit(repo, spec, profiles[0].name, dry_run=args.dry_run)
 
 
 def add_phase_commands(commands: argparse._SubParsersAction) -> None:
@@ -241,10 +268,18 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
         sub, "drain", cmd_drain, "inside a SLURM allocation: run the queued experiments"
     )
     drain.add_argument("-j", "--jobs", type=int, default=1, help="parallel experiments (GPUs)")
+    drain.add_argument("--plan", help="a job's share of a plan shared between jobs (submit)")
+    drain.add_argument("--profile", help="with --plan: the profile whose share this job drains")
     submit = add_command(
         sub, "submit", cmd_submit, "queue the phase and sbatch its drainer on a cluster"
     )
-    submit.add_argument("--cluster", required=True, help="profile name in hpc/clusters.yaml")
+    submit.add_argument(
+        "--cluster",
+        action="append",
+        required=True,
+        help="profile (or group of profiles) in hpc/clusters.yaml; repeat it to share the "
+        "phase between one job per profile",
+    )
     add_queue_options(submit, dry_run_help="print the sbatch command and script")
 
 

@@ -7,6 +7,7 @@ the Git identity, and the cluster's SLURM_CONF.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from conftest import ROOT, TINY, git, make_project
 
+from aeselect.cluster.share import stamp
 from aeselect.cluster.slurm import load_profile, sbatch_command, submit
 from aeselect.phases.experiments import collect_results, exp_show, recorded_sweep
 from aeselect.phases.spec import PhaseError, PhaseSpec, load_phase
@@ -153,7 +155,7 @@ def test_profile_errors_name_the_file_and_key(hpc_repo, old, new, message):
 
 def test_unknown_profile_lists_the_known_ones(hpc_repo):
     with pytest.raises(
-        PhaseError, match=r"no profile 'a100' \(profiles: v100, v100x2, l40s, local-test\)"
+        PhaseError, match=r"no profile .a100. \(profiles: v100, v100x2, l40s, seed, local-test\)"
     ):
         load_profile(hpc_repo, "a100")
 
@@ -436,3 +438,252 @@ def test_second_drainer_on_a_repository_refuses(tmp_path):
     output = first.communicate(timeout=120)[0].decode()
     assert first.returncode == 0, output
     assert results(project)["p1-1-lc4"]["state"] == "Success"
+
+
+# ---- one phase shared between two profiles (two partitions) -----------------------------------
+
+
+def shared_profiles(project: Path, workdir: Path) -> None:
+    """Two one-GPU profiles on the test cluster's two partitions, as two sites' nodes."""
+    profiles = {
+        name: {
+            "partition": partition,
+            "gpus_per_node": 1,
+            "parallel_jobs": 1,
+            "cpus_per_task": 1,
+            "mem": "1G",
+            "time": "00:30:00",
+            "warn_seconds": 60,
+            "setup": [],
+            "workdir": str(workdir / name),
+        }
+        for name, partition in (("site-a", "debug"), ("site-b", "second"))
+    }
+    profiles["both"] = ["site-a", "site-b"]
+    (project / "hpc" / "clusters.yaml").write_text(yaml.safe_dump(profiles, sort_keys=False))
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "two sites")
+
+
+def with_remotes(project: Path, tmp_path: Path) -> None:
+    """The project's remotes: a bare Git repository and a local DVC remote."""
+    subprocess.run(["git", "init", "-q", "--bare", str(tmp_path / "remote.git")], check=True)
+    git(project, "remote", "add", "origin", str(tmp_path / "remote.git"))
+    subprocess.run(
+        ["dvc", "remote", "add", "-d", "store", str(tmp_path / "dvc-store")],
+        cwd=project,
+        check=True,
+        capture_output=True,
+    )
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "remotes")
+    git(project, "push", "-q", "origin", "main")
+
+
+def test_shared_submit_without_remotes_names_the_commands(tmp_path):
+    project = phase_project(tmp_path, "lc4: {model.latent_channels: 4}")
+    shared_profiles(project, tmp_path / "work")
+    env = dict(os.environ)
+    missing_git = aeselect(project, env, "submit", "1.1", "--cluster", "both", "--dry-run")
+    assert missing_git.returncode == 2
+    assert "no Git remote 'origin'" in missing_git.stderr
+    assert "`git remote add origin <url>`" in missing_git.stderr
+    git(project, "remote", "add", "origin", str(tmp_path / "remote.git"))
+    missing_dvc = aeselect(project, env, "submit", "1.1", "--cluster", "both", "--dry-run")
+    assert "`dvc remote add -d store /shared/dvc-store`" in missing_dvc.stderr
+
+
+def test_shared_dry_run_prints_the_plan_and_every_sbatch_line(tmp_path):
+    project = phase_project(
+        tmp_path,
+        """\
+        lc2: {model.latent_channels: 2}
+        lc4: {model.latent_channels: 4}
+        lc8: {model.latent_channels: 8}
+        """,
+    )
+    shared_profiles(project, tmp_path / "work")
+    with_remotes(project, tmp_path)
+    dry = aeselect(project, dict(os.environ), "submit", "1.1", "--cluster", "both", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    out = dry.stdout
+    assert "  site-a (1 at a time): p1-1-lc2, p1-1-lc4\n" in out
+    assert "  site-b (1 at a time): p1-1-lc8\n" in out
+    plan = re.search(r"^plan (phase1_1-\d{8}T\d{6}): phase 1.1", out, re.M)[1]
+    for site, partition in (("site-a", "debug"), ("site-b", "second")):
+        line = next(ln for ln in out.splitlines() if f"--job-name=aeselect-phase1_1-{site}" in ln)
+        assert f"--partition={partition} --nodes=1 --ntasks=1 --gres=gpu:1" in line
+        workdir = tmp_path / "work" / site
+        assert (
+            f"AESELECT_PLAN={plan},AESELECT_PROFILE={site},"
+            f"AESELECT_GIT_URL={tmp_path / 'remote.git'},AESELECT_WORKDIR={workdir}"
+        ) in line
+        assert "AESELECT_RESUME_DIR" not in line  # the default: in the job's own clone
+    assert "# the batch script of site-b, on sbatch's stdin" in out and "as site-a's" in out
+    # A dry run queues and publishes nothing.
+    assert git(project, "ls-remote", "origin", "refs/aeselect/*") == ""
+    assert (
+        "Queued"
+        not in subprocess.run(
+            ["dvc", "queue", "status"], cwd=project, capture_output=True, text=True
+        ).stdout
+    )
+
+
+SHARED = f"""\
+long: {{{", ".join(f"{k}: {v}" for k, v in LONG.items())}}}
+lc2: {{model.latent_channels: 2, train.max_steps: 6, train.log_every: 3, train.eval_every: 3}}
+lc8: {{model.latent_channels: 8, train.max_steps: 6, train.log_every: 3, train.eval_every: 3}}
+"""
+
+
+def claim_history(remote: Path, plan: str) -> dict[str, list[dict]]:
+    """Every update of every claim of the plan on the Git remote, oldest first."""
+    out = git(remote, "for-each-ref", "--format=%(refname)", f"refs/aeselect/claims/{plan}/")
+    return {
+        ref.rsplit("/", 1)[1]: [
+            json.loads(line)
+            for line in git(remote, "log", "--reverse", "--format=%s", ref).split("\n")
+            if line
+        ]
+        for ref in out.split()
+    }
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_profiles_share_a_phase_and_the_results_come_home(slurm_cluster, tmp_path, capsys):
+    project = phase_project(tmp_path, SHARED)
+    work = tmp_path / "work"
+    shared_profiles(project, work)
+    with_remotes(project, tmp_path)
+    env = job_env(slurm_cluster)
+    submitted = aeselect(
+        project, env, "submit", "1.1", "--cluster", "site-a", "--cluster", "site-b"
+    )
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    plan = re.search(r"^plan (\S+):", submitted.stdout, re.M)[1]
+    jobs = dict(
+        re.findall(r"Submitted batch job (\d+): phase 1.1, (\S+)'s share", submitted.stdout)
+    )
+    job_a = int(next(job for job, site in jobs.items() if site == "site-a"))
+    job_b = int(next(job for job, site in jobs.items() if site == "site-b"))
+    try:
+        assert "site-a (1 at a time): p1-1-long, p1-1-lc2" in submitted.stdout
+
+        # Preempt site-a's job while it trains its long experiment, in its own clone under workdir.
+        clone_a = work / "site-a" / plan / f"job-{job_a}"
+        curves = ".dvc/tmp/exps/*/*/results/train/plots/metrics/loss/total.tsv"
+        deadline = time.monotonic() + 180
+        while not any(len(p.read_text().splitlines()) > 3 for p in clone_a.glob(curves)):
+            assert time.monotonic() < deadline, job_log(project, job_a)
+            time.sleep(0.2)
+        slurm_cluster.signal(job_a, "USR1")
+        preempted_at = stamp()
+        results_a = slurm_cluster.wait(job_a, timeout=300)
+        results_b = slurm_cluster.wait(job_b, timeout=120)
+        log_a, log_b = job_log(project, job_a), job_log(project, job_b)
+        assert results_a.ok and results_b.ok, f"{results_a}\n{log_a}\n{results_b}\n{log_b}"
+        assert results_a.info["Restarts"] == "1" and "drainer exited 75" in log_a, log_a
+
+        # Exactly once: one claim per experiment, every update of it by one job, its result pushed.
+        history = claim_history(tmp_path / "remote.git", plan)
+        assert sorted(history) == ["p1-1-lc2", "p1-1-lc8", "p1-1-long"], history
+        for name, updates in history.items():
+            assert len({u["job"] for u in updates}) == 1, (name, updates)
+            assert (updates[-1]["status"], updates[-1]["pushed"]) == ("success", True), updates
+        assert history["p1-1-long"][0]["job"] == str(job_a)
+        assert [u["status"] for u in history["p1-1-long"]] == [
+            "claimed",
+            "running",
+            "interrupted",
+            "running",
+            "success",
+        ]
+        logs = {
+            name: sorted(work.glob(f"*/{plan}/job-*/hpc/logs/*-{name}.log")) for name in history
+        }
+        for name, files in logs.items():
+            assert len(files) == 1, (name, files)  # one job's clone ran it ...
+            runs = files[0].read_text().count(f"dvc exp run --temp -n {name} ")
+            assert runs == (2 if name == "p1-1-long" else 1), files[0].read_text()  # ... once
+        long_log = logs["p1-1-long"][0].read_text()
+        stopped = int(re.search(r"stopped at step (\d+)", long_log)[1])
+        assert f"resumed at step {stopped}" in long_log  # the requeued job resumed its own claim
+        # site-b finished its share (one short run) while site-a trained, was preempted and waited
+        # for its requeue: it took site-a's unstarted lc2.
+        assert history["p1-1-lc2"][0]["job"] == str(job_b), history["p1-1-lc2"]
+        assert "[drain] p1-1-lc2: claimed from site-a's share" in log_b, log_b
+        remote_exps = git(
+            tmp_path / "remote.git", "for-each-ref", "--format=%(refname)", "refs/exps/"
+        )
+        assert sorted(ref.rsplit("/", 1)[1] for ref in remote_exps.split()) == sorted(history)
+        assert not list(
+            project.glob(".dvc/tmp/exps/*/*/results")
+        )  # nothing ran in the user's clone
+
+        # The user's clone: who ran what, then compare pulls the results and decides from all three.
+        status = aeselect(project, env, "status", "1.1")
+        assert status.returncode == 0, status.stdout + status.stderr
+        for name, updates in history.items():
+            line = next(ln for ln in status.stdout.splitlines() if ln.startswith(f"{name} "))
+            assert f"job {updates[-1]['job']} on {updates[-1]['node']}, pushed" in line, line
+        compare = aeselect(project, env, "compare", "1.1")
+        assert compare.returncode == 0, compare.stdout + compare.stderr
+        pull = "dvc exp pull origin p1-1-lc2 p1-1-lc8 p1-1-long"
+        assert pull in compare.stdout + compare.stderr
+        rows = results(project)
+        assert all(rows[name]["state"] == "Success" and rows[name]["mse"] > 0 for name in history)
+        promote = aeselect(project, env, "promote", "1.1")
+        assert promote.returncode == 0, promote.stdout + promote.stderr
+        decision = yaml.safe_load((project / "phases" / "decisions" / "1.1.yaml").read_text())
+        assert decision["winner"] in history
+    finally:  # a failed assertion must not leave the jobs running
+        for job in jobs:
+            slurm_cluster.run("scancel", job, check=False)
+
+    # The timeline for the record: claim updates (in their order) and job starts, by time.
+    events = [
+        (
+            u["at"],
+            step,
+            f"{name:10s} job {u['job']} ({u['profile']} on {u['node']}): {u['status']}"
+            + (", pushed" if u["pushed"] else ""),
+        )
+        for name, updates in history.items()
+        for step, u in enumerate(updates)
+    ]
+    starts = re.findall(
+        r"\[drain.sbatch\] (\S+) host \S+ job (\d+) SLURM_RESTART_COUNT=(\d)", log_a + log_b
+    )
+    events += [(at[:19], -1, f"job {job} starts (restart {n})") for at, job, n in starts]
+    events.append(
+        (preempted_at, 0, f"SIGUSR1 to job {job_a} (preemption): p1-1-long stops at step {stopped}")
+    )
+    stolen = history["p1-1-lc2"][0]
+    events.append((stolen["at"], 0, f"job {job_b} takes p1-1-lc2 from site-a's share"))
+    timeline = [f"{at}  {text}" for at, _, text in sorted(events)]
+    timeline += [f"user's clone: {pull}", f"user's clone: promote -> {decision['winner']}"]
+    (tmp_path / "timeline.txt").write_text("\n".join(timeline) + "\n")
+    with capsys.disabled():
+        print("\n" + "\n".join(timeline))
+
+
+@pytest.mark.slurm
+def test_a_claim_of_a_job_slurm_no_longer_runs_is_recognised(slurm_cluster, monkeypatch):
+    from aeselect.cluster.home import job_ended, this_cluster
+    from aeselect.cluster.share import ClaimRecord
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.slurm_conf))
+    monkeypatch.setenv("PATH", f"{os.environ['PATH']}{os.pathsep}/usr/sbin")
+    this_cluster.cache_clear()
+    job = slurm_cluster.submit("#!/bin/bash\nsleep 60\n", "--partition=second")
+    slurm_cluster.wait_state(job, "RUNNING")
+    claim = ClaimRecord(str(job), this_cluster(), "site-b", "node", "running")
+    assert this_cluster() == "aeselect" and not job_ended(claim)
+    assert not job_ended(ClaimRecord(str(job), "elsewhere", "x", "node", "running"))  # can't tell
+    slurm_cluster.cancel(job)
+    slurm_cluster.wait(job, timeout=30)
+    assert job_ended(claim)
+    assert job_ended(ClaimRecord("999999", this_cluster(), "site-b", "node", "running"))
+    this_cluster.cache_clear()

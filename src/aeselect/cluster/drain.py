@@ -20,17 +20,17 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aeselect.dvc import dvc_env, dvc_executable
+from aeselect.cluster.claims import Claim, claim_queued, read_claims
+from aeselect.cluster.share import UNFINISHED, Plan, SharedClaims, job_identity, read_plan
+from aeselect.dvc import DvcError, exp_push, set_default_remote, start_exp_run
 from aeselect.envvars import (
     NNODES_ENV,
     NPROC_ENV,
@@ -39,55 +39,11 @@ from aeselect.envvars import (
     THREADS_ENV,
 )
 from aeselect.paths import HPC_LOG_DIR as LOG_DIR
-from aeselect.phases.experiments import (
-    DRAIN_DIR,
-    canonical_params,
-    claim_records,
-    dvc_command,
-    load_phase_runs,
-    parse_run_name,
-    queue_states,
-    recorded_sweep,
-)
+from aeselect.phases.experiments import DRAIN_DIR
 from aeselect.phases.spec import PhaseSpec
 
 ANOTHER_DRAINER_EXIT_CODE = 3
 POLL_SECONDS = 0.5
-
-
-@dataclass
-class Claim:
-    """One experiment taken from DVC's queue; its file is the source of truth once written."""
-
-    name: str
-    overrides: dict[str, Any]
-    status: str = "claimed"  # claimed | running | success | failed | interrupted
-    log: str = ""
-    jobs: list[str] = field(default_factory=list)
-    returncode: int | None = None
-    # What `phase status`/`compare` judge the run by while DVC's queue no longer lists it:
-    baseline: str = ""  # HEAD when claimed; the run is `dvc exp run --temp` on HEAD
-    params: dict[str, Any] = field(default_factory=dict)  # its canonical params
-    claimed_at: str = ""  # local time, as `dvc exp show` stamps runs: a newer DVC record wins
-
-    def path(self, repo: Path) -> Path:
-        return repo / DRAIN_DIR / f"{self.name}.json"
-
-    def save(self, repo: Path) -> None:
-        path = self.path(repo)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, path)
-
-
-def read_claims(repo: Path, spec: PhaseSpec) -> dict[str, Claim]:
-    """The claims on this phase's runs, whichever attempt (`p1-1-lc8`, `p1-1-lc8_2`, ...)."""
-    return {
-        name: Claim(**record)
-        for name, record in claim_records(repo).items()
-        if parse_run_name(spec, name) is not None
-    }
 
 
 class DrainerLock:
@@ -113,37 +69,6 @@ class DrainerLock:
     def holder(self) -> str:
         self.handle.seek(0)
         return self.handle.read().strip() or "unknown"
-
-
-def claim_queued(repo: Path, spec: PhaseSpec, claims: dict[str, Claim]) -> set[str]:
-    """Move the phase's fresh Queued tasks from DVC's queue into claims (record first, then
-    remove); returns the names of the phase's fresh runs. A stale task (queued on other params
-    or code: it could never count) stays unclaimed."""
-    view = load_phase_runs(repo, spec, recorded_sweep(repo, spec))
-    head_params = canonical_params(view.baseline.params) or {}
-    fresh = {run.name: run for run in view.runs if run.fresh}
-    in_dvc = queue_states(repo)  # only tasks still there have a task id to remove
-    for name, run in fresh.items():
-        if name not in in_dvc or in_dvc[name].status != "Queued":
-            continue
-        if name not in claims:
-            overrides = {k: v for k, v in run.params.items() if head_params.get(k) != v}
-            claims[name] = Claim(
-                name,
-                overrides,
-                baseline=view.baseline.commit,
-                params=run.params,
-                claimed_at=dt.datetime.now().isoformat(timespec="seconds"),
-            )
-            claims[name].save(repo)
-        subprocess.run(
-            [dvc_executable(), "queue", "remove", name],
-            cwd=repo,
-            env=dvc_env(),
-            check=True,
-            capture_output=True,
-        )
-    return set(fresh)
 
 
 def _cpus() -> int:
@@ -214,6 +139,8 @@ class Drainer:
         self.free_gpus = [d.strip() for d in visible.split(",") if d.strip()]
         self.gpus_per_experiment = len(self.free_gpus) if len(spec.names()) == 1 else 1
         self.gpus_of: dict[str, list[str]] = {}
+        self.claims: dict[str, Claim] = {}
+        self.todo: list[Claim] = []
         # ... and, in a job of several nodes (a profile's `nodes`), the GPUs of every node.
         nodes = os.environ.get("SLURM_NNODES", "1")
         self.nodes = int(nodes) if len(spec.names()) == 1 and nodes.isdigit() else 1
@@ -246,18 +173,14 @@ class Drainer:
             extra |= {"CUDA_VISIBLE_DEVICES": ",".join(gpus), NPROC_ENV: str(len(gpus))}
         if self.nodes > 1:
             extra[NNODES_ENV] = str(self.nodes)
-        env = dvc_env(extra)
-        args = dvc_command(claim.name, claim.overrides)
-        args[args.index("--queue")] = "--temp"
         with log.open("a") as out:
-            out.write(f"[drain] job {self.job_id}: dvc {' '.join(args)}\n")
-            out.flush()
-            self.running[claim.name] = subprocess.Popen(
-                [dvc_executable(), *args],
-                cwd=self.repo,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
+            self.running[claim.name] = start_exp_run(
+                claim.name,
+                claim.overrides,
+                self.repo,
+                env=extra,
+                log=out,
+                label=f"[drain] job {self.job_id}",
                 # Ignored signals survive exec: the drainer forwards USR1 to the training alone.
                 preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN),
             )
@@ -279,43 +202,157 @@ class Drainer:
         claim.save(self.repo)
         print(f"[drain] {claim.name}: {claim.status} (exit {returncode})", file=sys.stderr)
 
-    def run(self) -> int:
-        claims = read_claims(self.repo, self.spec)
-        fresh = claim_queued(self.repo, self.spec, claims)
-        todo = [
+    def collect(self) -> None:
+        """Take the phase's fresh tasks out of DVC's queue: what this drainer runs."""
+        self.claims = read_claims(self.repo, self.spec)
+        fresh = claim_queued(self.repo, self.spec, self.claims)
+        self.todo = [
             c
-            for c in claims.values()
-            if c.status in ("claimed", "running", "interrupted") and c.name in fresh
+            for c in self.claims.values()
+            if c.status in UNFINISHED and c.name in fresh and not c.plan
         ]
-        while todo or self.running:
-            while todo and len(self.running) < self.jobs and self.stop_signal is None:
-                self.start(todo.pop(0))
+
+    def take_next(self) -> Claim | None:
+        """The next experiment to start, None when there is none left for this drainer."""
+        return self.todo.pop(0) if self.todo else None
+
+    def run(self) -> int:
+        self.collect()
+        more = True  # work is only ever taken, never given back: once none, none for good
+        while more or self.running:
+            while more and len(self.running) < self.jobs and self.stop_signal is None:
+                claim = self.take_next()
+                if claim is None:
+                    more = False
+                else:
+                    self.start(claim)
             for name, process in list(self.running.items()):
                 if process.poll() is not None:
                     del self.running[name]
-                    self.finish(claims[name], process.returncode)
+                    self.finish(self.claims[name], process.returncode)
             if self.stop_signal is not None and not self.running:
                 break
             time.sleep(POLL_SECONDS)
         if self.stop_signal is not None:
             return PREEMPTED_EXIT_CODE
-        failed = [c for c in claims.values() if c.status == "failed"]
+        return self.report()
+
+    def report(self) -> int:
+        failed = [c for c in self.claims.values() if c.status == "failed"]
         for claim in failed:
             print(f"[drain] FAILED {claim.name}: see {claim.log}", file=sys.stderr)
         return 1 if failed else 0
 
 
-def drain(repo: Path, spec: PhaseSpec, jobs: int) -> int:
+class SharedDrainer(Drainer):
+    """A job's drainer for a plan shared with other jobs (aeselect.cluster.share): it works in
+    its own clone of the plan's commit, takes experiments by claims on the Git remote (its own
+    share first, then unstarted ones of other shares) and pushes each success home at once."""
+
+    def __init__(self, repo: Path, spec: PhaseSpec, jobs: int, plan: Plan, profile: str):
+        super().__init__(repo, spec, jobs)
+        self.plan, self.profile = plan, profile
+        self.shared = SharedClaims(repo, plan)
+        self.me = job_identity(profile)
+        self.offered: set[str] = set()  # taken by this process: never offered twice
+
+    def collect(self) -> None:
+        self.claims = read_claims(self.repo, self.spec)  # a requeued job's, from its first run
+        set_default_remote(self.repo, self.plan.dvc_remote, self.plan.dvc_url)
+
+    def record(self, claim: Claim, status: str, *, pushed: bool = False) -> None:
+        log = str(self.repo / claim.log) if claim.log else ""
+        self.shared.update(claim.name, self.me.now(status=status, pushed=pushed, log=log))
+
+    def local_claim(self, name: str) -> Claim:
+        self.offered.add(name)
+        if name not in self.claims:
+            experiment = self.plan.experiments[name]
+            self.claims[name] = Claim(
+                name,
+                experiment["overrides"],
+                baseline=self.plan.base,
+                params=experiment["params"],
+                claimed_at=dt.datetime.now().isoformat(timespec="seconds"),
+                plan=self.plan.id,
+            )
+        return self.claims[name]
+
+    def take_next(self) -> Claim | None:
+        held = self.shared.fetch()
+        order = self.plan.order_for(self.profile)
+        for name in order:  # after a requeue: this job's own interrupted experiments first
+            holder = held.get(name, ("", None))[1]
+            mine = holder is not None and holder.held_by(self.me.job, self.me.cluster)
+            if not mine or holder.status not in UNFINISHED or name in self.offered:
+                continue
+            ended = self.claims.get(name)
+            if ended is not None and ended.status in ("success", "failed"):
+                # It ended before the job was stopped, the shared claim not told yet: tell it.
+                self.offered.add(name)
+                self.finish(ended, ended.returncode or 0)
+                continue
+            print(f"[drain] {name}: resuming this job's claim", file=sys.stderr)
+            return self.local_claim(name)
+        for name in order:
+            if name not in held and self.shared.take(name, self.me.now()):
+                theirs = next(s for s, names in self.plan.shares.items() if name in names)
+                taken = "claimed" if theirs == self.profile else f"claimed from {theirs}'s share"
+                print(f"[drain] {name}: {taken}", file=sys.stderr)
+                return self.local_claim(name)
+        return None
+
+    def start(self, claim: Claim) -> None:
+        super().start(claim)
+        self.record(claim, "running")
+
+    def finish(self, claim: Claim, returncode: int) -> None:
+        super().finish(claim, returncode)
+        if claim.status != "success":
+            self.record(claim, claim.status)
+            return
+        self.record(claim, "success", pushed=self.push(claim))
+
+    def push(self, claim: Claim) -> bool:
+        """`dvc exp push` the finished experiment to the plan's remotes; False if it failed."""
+        try:
+            exp_push(self.repo, self.plan.git_remote, [claim.name])
+        except DvcError as err:
+            print(f"[drain] {claim.name}: push failed: {err}", file=sys.stderr)
+            return False
+        claim.pushed = True
+        claim.save(self.repo)
+        print(f"[drain] {claim.name}: pushed to {self.plan.git_remote}", file=sys.stderr)
+        return True
+
+    def report(self) -> int:
+        """Failed like a lone drainer's, and a success that is not home yet fails the job too."""
+        unpushed = [c for c in self.claims.values() if c.status == "success" and not c.pushed]
+        for claim in unpushed:
+            if self.push(claim):
+                self.record(claim, "success", pushed=True)
+            else:
+                print(f"[drain] NOT PUSHED {claim.name}: `dvc exp push`", file=sys.stderr)
+        failed = super().report()
+        return 1 if failed or any(not c.pushed for c in unpushed) else 0
+
+
+def drain(
+    repo: Path, spec: PhaseSpec, jobs: int, plan_id: str | None = None, profile: str | None = None
+) -> int:
     lock = DrainerLock(repo)
     if not lock.acquire():
         print(
             f"aeselect phase drain: another drainer ({lock.holder()}) is draining {repo}; one "
-            "drainer per repository clone (for several nodes, give each its own clone; see the "
-            "README, 'Run on a SLURM cluster')",
+            "drainer per repository clone (to share a phase between nodes: `aeselect phase "
+            "submit <phase> --cluster A --cluster B`, each job in its own clone)",
             file=sys.stderr,
         )
         return ANOTHER_DRAINER_EXIT_CODE
-    drainer = Drainer(repo, spec, jobs)
+    if plan_id is None:
+        drainer = Drainer(repo, spec, jobs)
+    else:
+        drainer = SharedDrainer(repo, spec, jobs, read_plan(repo, plan_id), profile or "")
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, drainer.on_signal)
     return drainer.run()

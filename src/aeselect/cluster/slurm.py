@@ -1,5 +1,7 @@
 """`aeselect phase submit`: one SLURM job per phase, draining its queued experiments on one node
-(a profile with `nodes` > 1: one experiment, trained on every GPU of every node).
+(a profile with `nodes` > 1: one experiment, trained on every GPU of every node); with several
+profiles (`--cluster A --cluster B`, or a group), one job per profile sharing the phase
+(aeselect.cluster.share).
 
 The job is `hpc/drain.sbatch` with the options of a profile in `hpc/clusters.yaml`. Options go
 on sbatch's command line (an argument list, never a shell string) and the script goes to sbatch
@@ -14,11 +16,13 @@ import re
 import shlex
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from aeselect.cluster.share import Plan
 from aeselect.envvars import RESUME_DIR_ENV
 from aeselect.paths import HPC_LOG_DIR as LOG_DIR
 from aeselect.phases.spec import PHASE_ID, PhaseError, PhaseSpec
@@ -32,6 +36,7 @@ DEFAULT_RESUME_DIR = Path(".dvc/tmp/aeselect-resume")
 # expands % in --output, so paths and names keep to plain characters.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PATH = re.compile(r"^/[A-Za-z0-9_.+@/-]+$")
+URL = re.compile(r"^[A-Za-z0-9_.+@/:~-]+$")
 MEM = re.compile(r"^\d+[KMGT]?$")
 TIME = re.compile(r"^(\d+):([0-5]\d):([0-5]\d)$")
 TIME_HINT = ' (quote it: "HH:MM:SS"; YAML reads an unquoted 04:00:00 as a number)'
@@ -45,7 +50,7 @@ REQUIRED = {
     "warn_seconds": int,
     "setup": list,
 }
-OPTIONAL = {"account": str, "resume_dir": str, "nodes": int}
+OPTIONAL = {"account": str, "resume_dir": str, "nodes": int, "workdir": str}
 MAX_SIGNAL_SECONDS = 65535  # the largest lead time --signal accepts
 
 
@@ -63,21 +68,32 @@ class Profile:
     account: str | None = None
     resume_dir: str | None = None
     nodes: int = 1
+    workdir: str | None = None  # where the jobs of a shared phase make their clones
+
+
+def _entries(repo: Path) -> dict:
+    path = repo / CLUSTERS_FILE
+    if not path.exists():
+        raise PhaseError(f"{CLUSTERS_FILE}: not found in {repo}")
+    entries = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(entries, dict):
+        raise PhaseError(f"{CLUSTERS_FILE}: expected a mapping of profile name -> settings")
+    return entries
+
+
+def _entry(entries: dict, name: str):
+    if name not in entries:
+        known = ", ".join(str(k) for k in entries) or "none"
+        raise PhaseError(f"{CLUSTERS_FILE}: no profile {name!r} (profiles: {known})")
+    return entries[name]
 
 
 def load_profile(repo: Path, name: str) -> Profile:
     """The named profile, validated: every error names hpc/clusters.yaml and the key."""
-    path = repo / CLUSTERS_FILE
-    if not path.exists():
-        raise PhaseError(f"{CLUSTERS_FILE}: not found in {repo}")
-    profiles = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(profiles, dict):
-        raise PhaseError(f"{CLUSTERS_FILE}: expected a mapping of profile name -> settings")
-    if name not in profiles:
-        known = ", ".join(str(k) for k in profiles) or "none"
-        raise PhaseError(f"{CLUSTERS_FILE}: no profile {name!r} (profiles: {known})")
-    raw = profiles[name]
+    raw = _entry(_entries(repo), name)
     where = f"{CLUSTERS_FILE}: {name}"
+    if isinstance(raw, list):
+        raise PhaseError(f"{where}: a group of profiles; a job runs on one of them")
     if not isinstance(raw, dict):
         raise PhaseError(f"{where}: expected a mapping of settings")
     for key in sorted(raw.keys() - REQUIRED.keys() - OPTIONAL.keys()):
@@ -128,6 +144,21 @@ def _check(p: Profile, where: str) -> None:
             raise PhaseError(f"{where}.setup[{i}]: expected one shell line, got {line!r}")
 
 
+def load_profiles(repo: Path, names: list[str]) -> list[Profile]:
+    """The profiles of `--cluster` names, a group (a list of profile names) standing for its
+    members; each profile once."""
+    entries, expanded = _entries(repo), []
+    for name in names:
+        raw = _entry(entries, name)
+        if isinstance(raw, list):
+            if not raw or not all(isinstance(member, str) for member in raw):
+                raise PhaseError(f"{CLUSTERS_FILE}: {name}: expected a list of profile names")
+            expanded += raw
+        else:
+            expanded.append(name)
+    return [load_profile(repo, name) for name in dict.fromkeys(expanded)]
+
+
 def check_fits(spec: PhaseSpec, profile: Profile) -> None:
     """Several nodes train one experiment together: a sweep would use the first node only."""
     count = len(spec.names())
@@ -139,10 +170,22 @@ def check_fits(spec: PhaseSpec, profile: Profile) -> None:
         )
 
 
+def _expand(path: str) -> str:
+    return os.path.expanduser(os.path.expandvars(path))
+
+
 def resume_dir(repo: Path, profile: Profile) -> Path:
     if profile.resume_dir is None:
         return repo / DEFAULT_RESUME_DIR
-    return repo / os.path.expanduser(os.path.expandvars(profile.resume_dir))
+    return repo / _expand(profile.resume_dir)
+
+
+def _plain(label: str, value: str, pattern: re.Pattern) -> None:
+    if not pattern.match(value):
+        raise PhaseError(
+            f"{label} {value!r}: sbatch needs plain characters here (letters, digits, "
+            "'_.+@/-'; no spaces, commas or %)"
+        )
 
 
 def batch_script(repo: Path, profile: Profile) -> str:
@@ -153,28 +196,31 @@ def batch_script(repo: Path, profile: Profile) -> str:
     return template.replace(SETUP_MARKER, setup or "# (the profile has no setup lines)\n")
 
 
-def sbatch_command(repo: Path, spec: PhaseSpec, profile: Profile) -> list[str]:
+def sbatch_command(
+    repo: Path, spec: PhaseSpec, profile: Profile, plan: Plan | None = None
+) -> list[str]:
+    """The sbatch command line of the phase's job on `profile`; with `plan`, of that profile's
+    job of a phase shared between several jobs."""
     check_fits(spec, profile)
     slug = spec.path.stem  # phase1_1: the log and job names
     resume = resume_dir(repo, profile)
-    for label, value, pattern in [
-        ("phase id", spec.id, PHASE_ID),
-        ("phase file", slug, NAME),
-        ("repository path", str(repo), PATH),
-        (f"{CLUSTERS_FILE}: {profile.name}.resume_dir", str(resume), PATH),
-    ]:
-        if not pattern.match(value):
-            raise PhaseError(
-                f"{label} {value!r}: sbatch needs plain characters here (letters, digits, "
-                "'_.+@/-'; no spaces, commas or %)"
-            )
+    _plain("phase id", spec.id, PHASE_ID)
+    _plain("phase file", slug, NAME)
+    _plain("repository path", str(repo), PATH)
+    _plain(f"{CLUSTERS_FILE}: {profile.name}.resume_dir", str(resume), PATH)
     exports = {
         "AESELECT_PHASE": spec.id,
         "AESELECT_JOBS": str(profile.parallel_jobs),
         RESUME_DIR_ENV: str(resume),
     }
+    name = f"aeselect-{slug}"
+    if plan is not None:
+        exports |= _shared_exports(profile, plan)
+        if profile.resume_dir is None:  # the default: in the job's own clone
+            del exports[RESUME_DIR_ENV]
+        name += f"-{profile.name}"
     options = [
-        f"--job-name=aeselect-{slug}",
+        f"--job-name={name}",
         f"--partition={profile.partition}",
         *([f"--account={profile.account}"] if profile.account else []),
         # One task per node: the drainer on the first, the train stage's srun on the others.
@@ -192,6 +238,25 @@ def sbatch_command(repo: Path, spec: PhaseSpec, profile: Profile) -> list[str]:
         "--export=" + ",".join(["ALL", *(f"{k}={v}" for k, v in exports.items())]),
     ]
     return ["sbatch", "--parsable", *options]
+
+
+def _shared_exports(profile: Profile, plan: Plan) -> dict[str, str]:
+    """What the batch script needs to make the job's own clone of the plan's commit."""
+    where = f"{CLUSTERS_FILE}: {profile.name}.workdir"
+    if profile.workdir is None:
+        raise PhaseError(
+            f"{where}: missing; a phase shared between jobs runs each job in its own clone "
+            "under it, on storage its node sees (e.g. workdir: /scratch/$USER/aeselect-jobs)"
+        )
+    workdir = _expand(profile.workdir)
+    _plain(where, workdir, PATH)
+    _plain("Git remote URL", plan.git_url, URL)
+    return {
+        "AESELECT_PLAN": plan.id,
+        "AESELECT_PROFILE": profile.name,
+        "AESELECT_GIT_URL": plan.git_url,
+        "AESELECT_WORKDIR": workdir,
+    }
 
 
 def submit(repo: Path, spec: PhaseSpec, cluster: str, *, dry_run: bool) -> int:
@@ -223,4 +288,90 @@ def submit(repo: Path, spec: PhaseSpec, cluster: str, *, dry_run: bool) -> int:
     print(f"job log: {LOG_DIR}/{slug}-{job}.out")
     print(f"experiment logs: {LOG_DIR}/{slug}-{job}-<experiment>.log")
     print(f"follow: squeue -j {job}; aeselect phase status {spec.id}")
+    return 0
+
+
+def plan_lines(plan: Plan, profiles: list[Profile]) -> list[str]:
+    """What goes where, as `submit` prints it."""
+    count = len(plan.experiments)
+    lines = [
+        f"plan {plan.id}: phase {plan.phase} on {plan.base[:7]}, {count} experiments shared "
+        "in proportion to parallel_jobs"
+    ]
+    for profile in profiles:
+        names = ", ".join(plan.shares[profile.name]) or "(none)"
+        lines.append(f"  {profile.name} ({profile.parallel_jobs} at a time): {names}")
+    lines += [
+        "  a job whose share is done takes the unstarted experiments of the others",
+        f"  results: dvc exp push {plan.git_remote} ({plan.git_url}), outputs to DVC remote "
+        f"{plan.dvc_remote} ({plan.dvc_url}), each as it succeeds",
+    ]
+    return lines
+
+
+def submit_shared(
+    repo: Path,
+    spec: PhaseSpec,
+    clusters: list[str],
+    *,
+    dry_run: bool,
+    queue: Callable[[], object],
+    sweep: dict,
+    retry_failed: bool,
+) -> int:
+    """One job per profile of `clusters` (names or groups), draining one plan together.
+
+    `queue` is `phase queue` for this phase with `sweep` and `retry_failed` (its dry run with
+    `dry_run`); the fresh queued experiments become the plan."""
+    from aeselect.cluster.home import abandon_plan, make_plan, preview_plan, remotes
+
+    repo = repo.resolve()
+    profiles = load_profiles(repo, clusters)
+    for profile in profiles:
+        check_fits(spec, profile)
+    weights = {profile.name: profile.parallel_jobs for profile in profiles}
+    remotes(repo)  # a clear error before anything is queued
+    if dry_run:
+        queue()
+        plan = preview_plan(repo, spec, weights, sweep, retry_failed=retry_failed)
+        print("\n".join(plan_lines(plan, profiles)))
+        printed: dict[str, str] = {}
+        for profile in profiles:
+            print(shlex.join(sbatch_command(repo, spec, profile, plan)))
+        for profile in profiles:
+            script = batch_script(repo, profile)
+            same = next((name for name, text in printed.items() if text == script), None)
+            print(f"# the batch script of {profile.name}, on sbatch's stdin ({SCRIPT_FILE}", end="")
+            print(f" with its setup lines): as {same}'s" if same else " with its setup lines):")
+            if same is None:
+                print(script, end="")
+            printed[profile.name] = script
+        return 0
+    if shutil.which("sbatch") is None:
+        raise PhaseError("sbatch is not on PATH: submit from a login node (or module load slurm)")
+    queue()
+    plan = make_plan(repo, spec, weights)
+    print("\n".join(plan_lines(plan, profiles)))
+    (repo / LOG_DIR).mkdir(parents=True, exist_ok=True)
+    slug, failures = spec.path.stem, []
+    for profile in profiles:
+        argv = sbatch_command(repo, spec, profile, plan)
+        result = subprocess.run(
+            argv, input=batch_script(repo, profile), text=True, capture_output=True, cwd=repo
+        )
+        if result.returncode != 0:
+            failures.append(f"{profile.name}: {(result.stderr or result.stdout).strip()}")
+            continue
+        job = result.stdout.strip().split(";")[0]
+        print(f"Submitted batch job {job}: phase {spec.id}, {profile.name}'s share")
+        print(f"  job log: {LOG_DIR}/{slug}-{job}.out")
+    if len(failures) == len(profiles):
+        abandon_plan(repo, spec, plan)
+        raise PhaseError(f"sbatch failed for {'; '.join(failures)}; no job runs: submit again")
+    if failures:
+        raise PhaseError(
+            f"sbatch failed for {'; '.join(failures)}; the submitted jobs take over these "
+            "shares when theirs are done"
+        )
+    print(f"follow: aeselect phase status {spec.id} (job, node and pushed per experiment)")
     return 0

@@ -26,12 +26,12 @@ from typing import Any
 import pandas as pd
 
 from aeselect.config import PARAMS_FILE, ConfigError, apply_overrides, flatten, from_dict
-from aeselect.dvc import DvcError, queue_status, run_dvc
+from aeselect.dvc import DvcError, exp_run_command, queue_status, run_dvc
 from aeselect.paths import EVALUATE_METRICS, TRAIN_METRICS
 from aeselect.phases.spec import PhaseError, PhaseRun, PhaseSpec
 
 RUN_DIR = Path(".dvc/tmp/exps/run")
-DRAIN_DIR = Path(".dvc/tmp/aeselect-drain")  # the drainer's claims (aeselect.cluster.drain)
+DRAIN_DIR = Path(".dvc/tmp/aeselect-drain")  # the drainer's claims (aeselect.cluster.claims)
 SWEEPS_DIR = Path(".dvc/tmp/aeselect-sweeps")  # each phase's sweep --set, written by queue
 # A run counts for a phase only if these trees equal HEAD's (with its params: `load_phase_runs`).
 CODE_PATHS = ("src", "dvc.yaml")
@@ -70,14 +70,6 @@ def dirty_paths(repo: Path, paths: tuple[str, ...] = SNAPSHOT_PATHS) -> list[str
     """Tracked edits and untracked files under `paths` (a queued run snapshots or drops them)."""
     out = git(repo, "status", "--porcelain", "--untracked-files=all", "--", *paths)
     return [line[3:] for line in out.splitlines() if line.strip()]
-
-
-def dvc_command(name: str, params: dict[str, Any]) -> list[str]:
-    """`dvc exp run --queue -n NAME -S k=v ...` as an argument list (values in YAML syntax)."""
-    sets: list[str] = []
-    for key, value in params.items():
-        sets += ["-S", f"{key}={json.dumps(value)}"]
-    return ["exp", "run", "--queue", "-n", name, *sets]
 
 
 def experiment_params(spec: PhaseSpec, run: PhaseRun, extra: dict[str, Any]) -> dict[str, Any]:
@@ -419,7 +411,7 @@ def queue_phase(
             current.append(run.name)
             continue
         name = view.next_name(phase_run)
-        args = dvc_command(name, experiment_params(spec, phase_run, sweep))
+        args = exp_run_command(name, experiment_params(spec, phase_run, sweep), queue=True)
         if dry_run:
             echo(shlex.join(["dvc", *args]))
             continue
