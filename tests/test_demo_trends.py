@@ -32,9 +32,9 @@ from aeselect.demo import SWEEP_STEPS, sweep_schedule
 from aeselect.model.checkpoint import load_checkpoint, model_from_checkpoint
 from aeselect.paths import BEST_CHECKPOINT
 from aeselect.phases.noise import paired_bootstrap
-from aeselect.phases.spec import load_phase
 from aeselect.scoring.metrics import per_image_mse
 from aeselect.stages import open_live
+from aeselect.sweep.spec import load_phase
 from aeselect.training.loop import train
 
 pytestmark = pytest.mark.slow

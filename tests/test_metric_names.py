@@ -10,7 +10,7 @@ from conftest import TINY, write_pngs
 
 from aeselect import stages
 from aeselect.config import apply_overrides, flatten, from_dict
-from aeselect.phases.metric_names import (
+from aeselect.sweep.metric_names import (
     EVALUATE_METRICS,
     TRAIN_METRICS,
     is_stage_metric,
@@ -45,12 +45,12 @@ def test_metric_names_match_what_the_stages_write(tmp_path, monkeypatch):
     for stage, declared in (("train", TRAIN_METRICS), ("evaluate", EVALUATE_METRICS)):
         unknown = sorted(key for key in seen[stage] if not is_stage_metric(key))
         assert not unknown, (
-            f"the {stage} stage writes metrics that src/aeselect/phases/metric_names.py "
+            f"the {stage} stage writes metrics that src/aeselect/sweep/metric_names.py "
             f"lacks (phase files could not rank by them); add to {stage.upper()}_METRICS: {unknown}"
         )
         never = [name for name in declared if not any(matches(name, key) for key in seen[stage])]
         assert not never, (
-            f"src/aeselect/phases/metric_names.py lists {stage} metrics that the stage no longer "
+            f"src/aeselect/sweep/metric_names.py lists {stage} metrics that the stage no longer "
             f"writes (a phase ranking by one would fail after every run); remove: {never}"
         )
 

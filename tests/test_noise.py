@@ -12,7 +12,7 @@ from test_phases import REPEATED, write_phase
 from aeselect.phases.decide import describe_difference, rank
 from aeselect.phases.noise import RESAMPLES, PhaseResults, mean_over_seeds, paired_bootstrap
 from aeselect.phases.report import DIFFERENCE, display_table, noise_note
-from aeselect.phases.spec import Criterion, DecisionRule, load_phase
+from aeselect.sweep.spec import Criterion, DecisionRule, load_phase
 
 PATHS = [f"val/img{i:03d}.png" for i in range(64)]
 

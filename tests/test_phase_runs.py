@@ -18,7 +18,7 @@ from PIL import Image
 from test_phases import CHAIN_1_2, REPEATED, VALID, aeselect, write_phase
 
 from aeselect.dvc import QueueStatus, queue_status, run_dvc
-from aeselect.phases.experiments import (
+from aeselect.sweep.experiments import (
     DRAIN_DIR,
     Baseline,
     PhaseRuns,
@@ -28,7 +28,7 @@ from aeselect.phases.experiments import (
     queue_states,
     run_name,
 )
-from aeselect.phases.spec import load_phase
+from aeselect.sweep.spec import load_phase
 
 PREFIXED = VALID.replace("lc4: {model.latent_channels: 4}", "lc2-b: {model.latent_channels: 4}")
 

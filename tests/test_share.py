@@ -24,7 +24,7 @@ from aeselect.cluster.share import (
     read_plan,
     share_out,
 )
-from aeselect.phases.spec import PhaseError, load_phase
+from aeselect.sweep.spec import PhaseError, load_phase
 
 NAMES = [f"p1-1-e{i}" for i in range(6)]
 PHASE = """\
@@ -219,7 +219,7 @@ def test_a_pulled_experiment_counts_only_while_it_passes_the_baseline_check(tmp_
     pushes; the user's clone pulls it, and judges it like a local run: stale once src changes."""
     from conftest import TINY, make_project
 
-    from aeselect.phases.experiments import collect_results, recorded_sweep
+    from aeselect.sweep.experiments import collect_results, recorded_sweep
 
     user = make_project(tmp_path / "user", TINY)
     for path in (user / "phases").glob("phase*.yaml"):

@@ -87,7 +87,7 @@ def test_batches_are_a_function_of_seed_and_step():
 
 CLAIM = """
 import os, sys, time
-from aeselect.cluster.gpu import claim_gpu
+from aeselect.gpu import claim_gpu
 print(claim_gpu(), os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
 sys.stdin.readline()
 """

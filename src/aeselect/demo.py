@@ -16,11 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from aeselect.phases.experiments import git, queue_phase
 from aeselect.phases.promote import promote, read_decision, require_decided
 from aeselect.phases.report import compare, display_table
-from aeselect.phases.run import wait_for_phase
-from aeselect.phases.spec import DECISIONS_DIR, PhaseSpec, all_phases
+from aeselect.sweep.experiments import git, queue_phase
+from aeselect.sweep.run import wait_for_phase
+from aeselect.sweep.spec import DECISIONS_DIR, PhaseSpec, all_phases
 
 SCRATCH = Path("build/phase1-demo")
 # Chosen by measurement (README, "The demo's numbers"): every sweep model past the structure

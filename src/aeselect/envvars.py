@@ -14,7 +14,15 @@ NPROC_ENV = "AESELECT_NPROC_PER_NODE"
 NNODES_ENV = "AESELECT_NNODES"
 RESUME_DIR_ENV = "AESELECT_RESUME_DIR"  # where preempted trainings keep their resume snapshots
 PIDFILE_ENV = "AESELECT_PIDFILE"  # set by aeselect.cluster.drain for each experiment
-GPU_LOCK_DIR_ENV = "AESELECT_GPU_LOCK_DIR"  # lock files of aeselect.cluster.gpu's GPU claims
+GPU_LOCK_DIR_ENV = "AESELECT_GPU_LOCK_DIR"  # lock files of aeselect.gpu's GPU claims
 
 # The train stage's exit status after a preemption snapshot (EX_TEMPFAIL: try again later).
 PREEMPTED_EXIT_CODE = 75
+
+# What `phase submit` exports to hpc/drain.sbatch (read there as shell variables).
+PHASE_ENV = "AESELECT_PHASE"  # the phase the job drains
+JOBS_ENV = "AESELECT_JOBS"  # experiments at a time on the node: the profile's parallel_jobs
+PLAN_ENV = "AESELECT_PLAN"  # a shared sweep's plan id (refs/aeselect/plans/<id> on the remote)
+PROFILE_ENV = "AESELECT_PROFILE"  # the profile whose share the job drains
+GIT_URL_ENV = "AESELECT_GIT_URL"  # the Git remote the job clones the plan's commit from
+WORKDIR_ENV = "AESELECT_WORKDIR"  # where the job keeps its own clone, on storage its node sees

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from aeselect.config import apply_overrides, from_dict, parse_assignment
-from aeselect.phases.experiments import dirty_paths, load_phase_runs, queue_phase, recorded_sweep
-from aeselect.phases.run import wait_for_phase
-from aeselect.phases.spec import PhaseError, PhaseSpec, all_phases, load_phase
+from aeselect.sweep.experiments import dirty_paths, load_phase_runs, queue_phase, recorded_sweep
+from aeselect.sweep.run import wait_for_phase
+from aeselect.sweep.spec import PhaseError, PhaseSpec, all_phases, load_phase
 
 
 def _note(message: str) -> None:

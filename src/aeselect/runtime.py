@@ -16,9 +16,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from aeselect.cluster.gpu import claim_gpu
 from aeselect.config import TrainConfig
 from aeselect.envvars import NPROC_ENV, THREADS_ENV
+from aeselect.gpu import claim_gpu
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Runtime:
     bf16: bool
     channels_last: bool
     compile: bool
-    gpu: str | None = None  # the id claimed from CUDA_VISIBLE_DEVICES (aeselect.cluster.gpu)
+    gpu: str | None = None  # the id claimed from CUDA_VISIBLE_DEVICES (aeselect.gpu)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.bf16:

@@ -23,8 +23,8 @@ from conftest import ROOT, TINY, git, make_project
 
 from aeselect.cluster.share import stamp
 from aeselect.cluster.slurm import load_profile, sbatch_command, submit
-from aeselect.phases.experiments import collect_results, exp_show, recorded_sweep
-from aeselect.phases.spec import PhaseError, PhaseSpec, load_phase
+from aeselect.sweep.experiments import collect_results, exp_show, recorded_sweep
+from aeselect.sweep.spec import PhaseError, PhaseSpec, load_phase
 
 PHASE = """\
 id: "1.1"

@@ -1,1 +1,1 @@
-"""Cluster glue: GPU binding for parallel experiments, SLURM submission and queue draining."""
+"""Cluster glue: SLURM submission, queue draining, and one sweep shared between jobs."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aeselect.dvc import run_dvc
-from aeselect.phases.experiments import (
+from aeselect.sweep.experiments import (
     DRAIN_DIR,
     canonical_params,
     claim_records,
@@ -21,7 +21,7 @@ from aeselect.phases.experiments import (
     queue_states,
     recorded_sweep,
 )
-from aeselect.phases.spec import PhaseSpec
+from aeselect.sweep.spec import PhaseSpec
 
 
 @dataclass

@@ -39,8 +39,8 @@ from aeselect.envvars import (
     THREADS_ENV,
 )
 from aeselect.paths import HPC_LOG_DIR as LOG_DIR
-from aeselect.phases.experiments import DRAIN_DIR
-from aeselect.phases.spec import PhaseSpec
+from aeselect.sweep.experiments import DRAIN_DIR
+from aeselect.sweep.spec import PhaseSpec
 
 ANOTHER_DRAINER_EXIT_CODE = 3
 POLL_SECONDS = 0.5

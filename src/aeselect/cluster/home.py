@@ -28,8 +28,8 @@ from aeselect.cluster.share import (
     share_out,
 )
 from aeselect.dvc import DvcError, default_remote, exp_pull, remote_url
-from aeselect.phases.experiments import load_phase_runs, parse_run_name
-from aeselect.phases.spec import PhaseError, PhaseSpec
+from aeselect.sweep.experiments import load_phase_runs, parse_run_name
+from aeselect.sweep.spec import PhaseError, PhaseSpec
 
 GIT_REMOTE = "origin"
 # squeue's states of a job that will not run again (a requeued job is PENDING meanwhile).

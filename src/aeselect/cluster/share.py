@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from aeselect.phases.spec import PhaseError
+from aeselect.sweep.spec import PhaseError
 
 PLAN_REFS = "refs/aeselect/plans"
 CLAIM_REFS = "refs/aeselect/claims"

@@ -23,9 +23,17 @@ from pathlib import Path
 import yaml
 
 from aeselect.cluster.share import Plan
-from aeselect.envvars import RESUME_DIR_ENV
+from aeselect.envvars import (
+    GIT_URL_ENV,
+    JOBS_ENV,
+    PHASE_ENV,
+    PLAN_ENV,
+    PROFILE_ENV,
+    RESUME_DIR_ENV,
+    WORKDIR_ENV,
+)
 from aeselect.paths import HPC_LOG_DIR as LOG_DIR
-from aeselect.phases.spec import PHASE_ID, PhaseError, PhaseSpec
+from aeselect.sweep.spec import PHASE_ID, PhaseError, PhaseSpec
 
 CLUSTERS_FILE = Path("hpc/clusters.yaml")
 SCRIPT_FILE = Path("hpc/drain.sbatch")
@@ -209,8 +217,8 @@ def sbatch_command(
     _plain("repository path", str(repo), PATH)
     _plain(f"{CLUSTERS_FILE}: {profile.name}.resume_dir", str(resume), PATH)
     exports = {
-        "AESELECT_PHASE": spec.id,
-        "AESELECT_JOBS": str(profile.parallel_jobs),
+        PHASE_ENV: spec.id,
+        JOBS_ENV: str(profile.parallel_jobs),
         RESUME_DIR_ENV: str(resume),
     }
     name = f"aeselect-{slug}"
@@ -252,10 +260,10 @@ def _shared_exports(profile: Profile, plan: Plan) -> dict[str, str]:
     _plain(where, workdir, PATH)
     _plain("Git remote URL", plan.git_url, URL)
     return {
-        "AESELECT_PLAN": plan.id,
-        "AESELECT_PROFILE": profile.name,
-        "AESELECT_GIT_URL": plan.git_url,
-        "AESELECT_WORKDIR": workdir,
+        PLAN_ENV: plan.id,
+        PROFILE_ENV: profile.name,
+        GIT_URL_ENV: plan.git_url,
+        WORKDIR_ENV: workdir,
     }
 
 
@@ -334,24 +342,44 @@ def submit_shared(
     if dry_run:
         queue()
         plan = preview_plan(repo, spec, weights, sweep, retry_failed=retry_failed)
-        print("\n".join(plan_lines(plan, profiles)))
-        printed: dict[str, str] = {}
-        for profile in profiles:
-            print(shlex.join(sbatch_command(repo, spec, profile, plan)))
-        for profile in profiles:
-            script = batch_script(repo, profile)
-            same = next((name for name, text in printed.items() if text == script), None)
-            print(f"# the batch script of {profile.name}, on sbatch's stdin ({SCRIPT_FILE}", end="")
-            print(f" with its setup lines): as {same}'s" if same else " with its setup lines):")
-            if same is None:
-                print(script, end="")
-            printed[profile.name] = script
+        _print_dry_run(repo, spec, profiles, plan)
         return 0
     if shutil.which("sbatch") is None:
         raise PhaseError("sbatch is not on PATH: submit from a login node (or module load slurm)")
     queue()
     plan = make_plan(repo, spec, weights)
     print("\n".join(plan_lines(plan, profiles)))
+    failures = _submit_jobs(repo, spec, profiles, plan)
+    if len(failures) == len(profiles):
+        abandon_plan(repo, spec, plan)
+        raise PhaseError(f"sbatch failed for {'; '.join(failures)}; no job runs: submit again")
+    if failures:
+        raise PhaseError(
+            f"sbatch failed for {'; '.join(failures)}; the submitted jobs take over these "
+            "shares when theirs are done"
+        )
+    print(f"follow: aeselect phase status {spec.id} (job, node and pushed per experiment)")
+    return 0
+
+
+def _print_dry_run(repo: Path, spec: PhaseSpec, profiles: list[Profile], plan: Plan) -> None:
+    """The plan, every sbatch line, and each distinct batch script once."""
+    print("\n".join(plan_lines(plan, profiles)))
+    for profile in profiles:
+        print(shlex.join(sbatch_command(repo, spec, profile, plan)))
+    printed: dict[str, str] = {}
+    for profile in profiles:
+        script = batch_script(repo, profile)
+        same = next((name for name, text in printed.items() if text == script), None)
+        print(f"# the batch script of {profile.name}, on sbatch's stdin ({SCRIPT_FILE}", end="")
+        print(f" with its setup lines): as {same}'s" if same else " with its setup lines):")
+        if same is None:
+            print(script, end="")
+        printed[profile.name] = script
+
+
+def _submit_jobs(repo: Path, spec: PhaseSpec, profiles: list[Profile], plan: Plan) -> list[str]:
+    """sbatch one job per profile; the failures as 'profile: sbatch's message'."""
     (repo / LOG_DIR).mkdir(parents=True, exist_ok=True)
     slug, failures = spec.path.stem, []
     for profile in profiles:
@@ -365,13 +393,4 @@ def submit_shared(
         job = result.stdout.strip().split(";")[0]
         print(f"Submitted batch job {job}: phase {spec.id}, {profile.name}'s share")
         print(f"  job log: {LOG_DIR}/{slug}-{job}.out")
-    if len(failures) == len(profiles):
-        abandon_plan(repo, spec, plan)
-        raise PhaseError(f"sbatch failed for {'; '.join(failures)}; no job runs: submit again")
-    if failures:
-        raise PhaseError(
-            f"sbatch failed for {'; '.join(failures)}; the submitted jobs take over these "
-            "shares when theirs are done"
-        )
-    print(f"follow: aeselect phase status {spec.id} (job, node and pushed per experiment)")
-    return 0
+    return failures

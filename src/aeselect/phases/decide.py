@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from aeselect.phases.noise import paired_bootstrap
-from aeselect.phases.spec import Criterion, DecisionRule, PhaseError
+from aeselect.sweep.spec import Criterion, DecisionRule, PhaseError
 
 
 @dataclass(frozen=True)

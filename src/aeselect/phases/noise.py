@@ -20,8 +20,8 @@ import pandas as pd
 
 from aeselect.dvc import read_output
 from aeselect.paths import PER_IMAGE_CSV
-from aeselect.phases.experiments import collect_results
-from aeselect.phases.spec import PhaseSpec
+from aeselect.sweep.experiments import collect_results
+from aeselect.sweep.spec import PhaseSpec
 
 PER_IMAGE_FILE = PER_IMAGE_CSV.as_posix()
 PAIRING_KEY = "path"

@@ -18,7 +18,6 @@ from aeselect.config import PARAMS_FILE, EvaluateConfig, apply_overrides, from_d
 from aeselect.evaluation.gates import gate_bounds
 from aeselect.paths import EXPORT_PATH
 from aeselect.phases.decide import Ranking, column, rank
-from aeselect.phases.experiments import dirty_paths, git, parse_run_name
 from aeselect.phases.noise import (
     BOOTSTRAP_SEED,
     CONFIDENCE,
@@ -27,7 +26,8 @@ from aeselect.phases.noise import (
     gather,
     seed_spread_column,
 )
-from aeselect.phases.spec import DECISIONS_DIR, PhaseError, PhaseSpec, all_phases
+from aeselect.sweep.experiments import dirty_paths, git, parse_run_name
+from aeselect.sweep.spec import DECISIONS_DIR, PhaseError, PhaseSpec, all_phases
 
 # Columns every decision file and report shows, beside the rule's own.
 HEADLINE = [

@@ -23,8 +23,8 @@ from aeselect.phases.noise import (
     seed_spread_column,
 )
 from aeselect.phases.promote import HEADLINE, read_decision
-from aeselect.phases.spec import REPEAT_SEED_KEY, REPORTS_DIR, PhaseSpec
 from aeselect.scoring.layout import GRID_PADDING, grid_column, tile_box
+from aeselect.sweep.spec import REPEAT_SEED_KEY, REPORTS_DIR, PhaseSpec
 
 RECONSTRUCTIONS = paths.RECONSTRUCTIONS.as_posix()
 VAL_CURVES_DIR = paths.VAL_CURVES_DIR.as_posix()

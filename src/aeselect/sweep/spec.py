@@ -20,7 +20,7 @@ from aeselect.config import (
     unknown_key,
     valid_keys,
 )
-from aeselect.phases.metric_names import STAGE_METRICS, is_stage_metric
+from aeselect.sweep.metric_names import STAGE_METRICS, is_stage_metric
 
 PHASES_DIR = Path("phases")
 DECISIONS_DIR = PHASES_DIR / "decisions"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from aeselect.dvc import queue_status, start_queue_workers
 from aeselect.envvars import THREADS_ENV
-from aeselect.phases.experiments import TERMINAL, task_states
+from aeselect.sweep.experiments import TERMINAL, task_states
 
 POLL_SECONDS = 2.0
 STUCK_GRACE_SECONDS = 30.0

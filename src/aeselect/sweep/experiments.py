@@ -28,7 +28,7 @@ import pandas as pd
 from aeselect.config import PARAMS_FILE, ConfigError, apply_overrides, flatten, from_dict
 from aeselect.dvc import DvcError, exp_run_command, queue_status, run_dvc
 from aeselect.paths import EVALUATE_METRICS, TRAIN_METRICS
-from aeselect.phases.spec import PhaseError, PhaseRun, PhaseSpec
+from aeselect.sweep.spec import PhaseError, PhaseRun, PhaseSpec
 
 RUN_DIR = Path(".dvc/tmp/exps/run")
 DRAIN_DIR = Path(".dvc/tmp/aeselect-drain")  # the drainer's claims (aeselect.cluster.claims)

@@ -1,0 +1,1 @@
+"""Sweeps: a phase file's experiments, their DVC state (queued, run, fresh or stale), local runs."""
