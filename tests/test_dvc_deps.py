@@ -306,7 +306,7 @@ def test_the_derivation_sees_what_the_stages_use():
     train = stage_code("train").paths()
     assert "src/aeselect/training/loop.py" in train
     assert "src/aeselect/imageops.py" in train  # via scoring.metrics
-    assert "src/aeselect/cluster/__init__.py" in train  # a parent package runs too
+    assert "src/aeselect/training/__init__.py" in train  # a parent package runs too
     prepare = stage_code("prepare").paths()
     assert "src/aeselect/model/autoencoder.py" not in prepare
     reads = params_read(stage_code("evaluate"))
