@@ -108,6 +108,27 @@ def test_a_new_res_block_is_the_identity():
     assert torch.equal(ResBlock(16, 16)(x), x)
 
 
+def test_convs_start_variance_preserving_outside_the_residual_ends():
+    """Every encoder/decoder conv but a residual branch's last starts at He's fan-in scale (weight
+    std 1/sqrt(fan_in)), not PyTorch's default (1/sqrt(3 fan_in)), which left the demo's models
+    reconstructing in grey; the residual ends stay exactly zero."""
+    torch.manual_seed(0)
+    _, model = build(64, 3, 8, 32, False)
+    ends = {id(m.conv2) for m in model.modules() if isinstance(m, ResBlock)}
+    convs = [
+        m for m in (*model.encoder.modules(), *model.decoder.modules()) if isinstance(m, nn.Conv2d)
+    ]
+    for conv in convs:
+        if id(conv) in ends:
+            assert not conv.weight.any() and not conv.bias.any()
+            continue
+        fan_in = conv.weight[0].numel()
+        if conv.weight.numel() >= 1000:  # enough weights for a std within 15%
+            assert conv.weight.std().item() == pytest.approx(fan_in**-0.5, rel=0.15)
+        assert not conv.bias.any()
+    assert sum(id(conv) not in ends for conv in convs) >= 10
+
+
 def _kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return DiagonalGaussian(mean, logvar).kl()
 
