@@ -23,8 +23,8 @@ from aeselect.sweep.run import wait_for_phase
 from aeselect.sweep.spec import DECISIONS_DIR, PhaseSpec, all_phases
 
 SCRATCH = Path("build/phase1-demo")
-# Chosen by measurement (README, "The demo's numbers"): every sweep model past the structure
-# regime within make run's budget on a 2-core CPU.
+# Chosen by measurement (README, "The demo's numbers"): the most steps per sweep that keep
+# `make run`, set-up included, within 15 minutes on a 2-core CPU (measured: 14 min 16 s).
 SWEEP_STEPS = 300
 VAL_POINTS = 10  # points on each sweep's val curve
 DEMO_IDENTITY = {
