@@ -113,15 +113,14 @@ def preview_plan(
     repo: Path, spec: PhaseSpec, weights: dict[str, int], sweep: dict, *, retry_failed: bool
 ) -> Plan:
     """The plan a submit would make now, unpublished (for `--dry-run`): the phase's fresh
-    queued runs and those `phase queue` would queue (as it decides: no fresh run, or, with
-    `retry_failed`, only a failed one)."""
+    queued runs and those `phase queue` would queue (PhaseRuns.wants_new_run decides both)."""
     view = load_phase_runs(repo, spec, sweep)
     names = []
     for phase_run in spec.runs():
         run = view.current(phase_run)
-        if run is None or (run.status == "Failed" and retry_failed):
+        if view.wants_new_run(phase_run, retry_failed):
             names.append(view.next_name(phase_run))
-        elif run.status == "Queued" and run.task is not None and run.task.task:
+        elif run is not None and run.status == "Queued" and run.task is not None and run.task.task:
             names.append(run.name)  # in DVC's queue, not taken by a drainer or a plan yet
     return new_plan(repo, spec, view.baseline.commit, {name: {} for name in names}, weights)
 

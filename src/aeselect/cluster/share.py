@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from aeselect.sweep.experiments import git as sweep_git
 from aeselect.sweep.spec import PhaseError
 
 PLAN_REFS = "refs/aeselect/plans"
@@ -47,13 +48,8 @@ CAS_TRIES = 3  # a push that lost a ref lock to a racing push that then failed i
 
 
 def git(repo: Path, *args: str, input: str | None = None, check: bool = True) -> str:
-    env = os.environ | CLAIM_IDENTITY
-    result = subprocess.run(
-        ["git", *args], cwd=repo, text=True, capture_output=True, input=input, env=env
-    )
-    if check and result.returncode != 0:
-        raise PhaseError(f"`git {' '.join(args)}` failed in {repo}: {result.stderr.strip()}")
-    return result.stdout
+    """Git as the claims' own identity (plan and claim commits name no user)."""
+    return sweep_git(repo, *args, input=input, check=check, env=os.environ | CLAIM_IDENTITY)
 
 
 def share_out(names: list[str], weights: dict[str, int]) -> dict[str, list[str]]:

@@ -59,9 +59,18 @@ class TaskState:
         return matches[0] if matches else None
 
 
-def git(repo: Path, *args: str) -> str:
-    result = subprocess.run(["git", *args], cwd=repo, text=True, capture_output=True)
-    if result.returncode != 0:
+def git(
+    repo: Path,
+    *args: str,
+    input: str | None = None,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+) -> str:
+    """`git ARGS` in `repo`, its stdout; a failure (with `check`) is a PhaseError with git's."""
+    result = subprocess.run(
+        ["git", *args], cwd=repo, text=True, capture_output=True, input=input, env=env
+    )
+    if check and result.returncode != 0:
         raise PhaseError(f"`git {' '.join(args)}` failed in {repo}: {result.stderr.strip()}")
     return result.stdout
 
@@ -259,6 +268,11 @@ class PhaseRuns:
     def stale(self, phase_run: PhaseRun) -> list[Run]:
         return [r for r in self.of(phase_run) if not r.fresh]
 
+    def wants_new_run(self, phase_run: PhaseRun, retry_failed: bool) -> bool:
+        """No fresh run done or under way, or (with `retry_failed`) its fresh run failed."""
+        run = self.current(phase_run)
+        return run is None or (run.status == "Failed" and retry_failed)
+
     def next_name(self, phase_run: PhaseRun) -> str:
         """The attempt after the last one any record of this clone knows: runs are told apart
         by name in DVC's queue, the drainer's claims and `dvc exp show`, so a name is never
@@ -406,7 +420,7 @@ def queue_phase(
                 run_dvc(["queue", "remove", run.name], cwd=repo)
                 echo(f"{run.name}: removed from DVC's queue (stale: queued on {run.ran_on})")
         run = view.current(phase_run)
-        if run is not None and (run.status != "Failed" or not retry_failed):
+        if run is not None and not view.wants_new_run(phase_run, retry_failed):
             echo(f"{run.name}: already {run.status.lower()}; not queued again")
             current.append(run.name)
             continue
