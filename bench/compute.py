@@ -81,7 +81,7 @@ class StepRunner:
         runtime = select_runtime(cfg.train)
         self.cfg, self.runtime = cfg, runtime if bf16 is None else replace(runtime, bf16=bf16)
         seed_everything(cfg.train.seed)
-        self.model, self.forward, self.optimizer = build_model(cfg, data.aux_classes, runtime)
+        self.model, self.forward, self.optimizer = build_model(cfg, data, runtime)
         train_set = data.dataset("train")
         sampler = StepBatchSampler(len(train_set), cfg.train.batch_size, cfg.train.seed, 0, 1)
         raw = next(iter(make_loader(train_set, batch_sampler=sampler)))
@@ -165,7 +165,7 @@ def bare_train(cfg, data) -> float:
     start = time.perf_counter()
     runtime = select_runtime(cfg.train)
     seed_everything(cfg.train.seed)
-    model, forward, optimizer = build_model(cfg, data.aux_classes, runtime)
+    model, forward, optimizer = build_model(cfg, data, runtime)
     model.train()
     for step, raw in enumerate(train_loader(cfg, data, 0, runtime)):
         batch = to_model_input(*raw, runtime.device, runtime.channels_last)

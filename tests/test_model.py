@@ -3,6 +3,7 @@ two init/normalisation choices that decide whether the demo's small models learn
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ PHASE_CONFIGS = [
 ]
 
 
-def build(image_size, steps, latent, base, variational, aux_classes=5, blocks=1):
+def build(image_size, steps, latent, base, variational, aux_classes=5, blocks=1, pca=False):
     cfg = from_dict(
         {
             "data": {"image_size": image_size},
@@ -36,6 +37,7 @@ def build(image_size, steps, latent, base, variational, aux_classes=5, blocks=1)
                 "base_channels": base,
                 "variational": variational,
                 "num_res_blocks": blocks,
+                "pca_shortcut": pca,
             },
         }
     )
@@ -155,3 +157,65 @@ def test_gaussian_kld_propagates_nan_instead_of_raising():
 
 def test_count_parameters():
     assert count_parameters(nn.Linear(3, 2)) == 3 * 2 + 2
+
+
+def smooth_images(count, size, seed=0):
+    """Low-frequency colour images in [0, 1]: a few latent channels explain most of each patch."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(count, 3, 4, 4, generator=generator)
+    return nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
+
+
+def block_pca_error(images, factor, kept):
+    """Reference: val MSE of the best linear code of `kept` numbers per factor x factor patch,
+    fitted to the same images (numpy SVD of the centred patch matrix)."""
+    x = images.double() * 2 - 1
+    patches = (
+        nn.functional.pixel_unshuffle(x, factor).permute(0, 2, 3, 1).reshape(-1, 3 * factor**2)
+    )
+    centred = (patches - patches.mean(0)).numpy()
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    basis = vt[:kept]
+    residual = centred - centred @ basis.T @ basis
+    return float((residual**2).mean()) / 4  # [-1, 1] -> [0, 1] scale
+
+
+@pytest.mark.parametrize(("steps", "latent", "variational"), [(3, 4, False), (2, 8, True)])
+def test_a_fitted_shortcut_starts_the_model_at_the_block_pca(steps, latent, variational):
+    _, model = build(32, steps, latent, 16, variational, pca=True)
+    images = smooth_images(24, 32)
+    model.fit_shortcut([images[:16], images[16:]])
+    model.eval()
+    with torch.no_grad():
+        reconstruction = model(images).reconstruction
+    mse = float(((reconstruction.double() - images.double()) ** 2).mean())
+    assert mse == pytest.approx(block_pca_error(images, 2**steps, latent), rel=1e-4)
+    assert mse < 0.2 * float(images.var())  # the code carries the images, not their mean
+
+
+def test_the_shortcut_fit_is_reproducible_and_keeps_extra_channels_at_zero():
+    # A 2x2x3 patch has 12 dimensions: channels 12-15 of a 16-channel latent get no component.
+    images = smooth_images(8, 16, seed=1)
+    fits = []
+    for _ in range(2):
+        _, model = build(16, 1, 16, 8, False, pca=True)
+        model.fit_shortcut([images])
+        fits.append(model.shortcut.state_dict())
+    for key in fits[0]:
+        assert torch.equal(fits[0][key], fits[1][key])
+    assert torch.count_nonzero(fits[0]["to_latent.weight"][12:]) == 0
+    assert torch.count_nonzero(fits[0]["to_latent.weight"][:12]) > 0
+
+
+def test_an_unfitted_shortcut_adds_nothing():
+    torch.manual_seed(0)
+    _, plain = build(32, 3, 4, 16, False)
+    torch.manual_seed(0)
+    _, with_shortcut = build(32, 3, 4, 16, False, pca=True)
+    images = smooth_images(2, 32)
+    with torch.no_grad():
+        assert torch.equal(
+            plain.eval()(images).reconstruction, with_shortcut.eval()(images).reconstruction
+        )
+    with pytest.raises(ValueError, match="pca_shortcut is false"):
+        plain.fit_shortcut([images])

@@ -77,6 +77,7 @@ class ModelConfig:
     max_channel_mult: int = 4
     variational: bool = False
     aux_hidden_channels: int = 32
+    pca_shortcut: bool = False  # a linear block code beside the networks, fitted before training
 
     def channel_schedule(self) -> list[int]:
         """Channels per level: doubling per downsampling step, capped (SD's is 1,2,4,4)."""

@@ -34,6 +34,7 @@ PROJECT_FILES = [
 TINY = {
     "data.image_size": 32,
     "data.num_images": 24,
+    "data.val_fraction": 0.2,
     "model.base_channels": 8,
     "model.aux_hidden_channels": 8,
     "train.max_steps": 6,

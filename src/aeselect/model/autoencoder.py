@@ -8,6 +8,7 @@ so a phase can change the number of steps alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,63 @@ def preserve_variance(module: nn.Module) -> None:
         if isinstance(layer, nn.Conv2d) and id(layer) not in zero_ends:
             nn.init.kaiming_normal_(layer.weight, nonlinearity="linear")
             nn.init.zeros_(layer.bias)
+
+
+class BlockPCA(nn.Module):
+    """A linear block code beside the deep networks: each f x f x 3 patch <-> C latent numbers.
+
+    `fit` sets it to the training images' block PCA, the best linear code of the latent's size,
+    and the deep encoder's and decoder's last convs start at zero: a new autoencoder then already
+    reconstructs as well as that code, and the deep networks learn only what a linear code
+    cannot. Trained from scratch, every demo model sat below this code after 300 steps (lc4 18.2
+    against 19.1 dB, lc16 18.4 against 24.4 dB) and the latent's size did not show in its MSE
+    (README, "The block-PCA shortcut").
+    """
+
+    def __init__(self, factor: int, latent_channels: int):
+        super().__init__()
+        self.factor = factor
+        self.to_latent = nn.Conv2d(3 * factor * factor, latent_channels, 1)
+        self.to_patches = nn.Conv2d(latent_channels, 3 * factor * factor, 1)
+        self._clear()
+
+    def _clear(self) -> None:
+        """Zero: an unfitted code adds nothing, so the autoencoder is the deep networks alone."""
+        for conv in (self.to_latent, self.to_patches):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_latent(F.pixel_unshuffle(x, self.factor))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(self.to_patches(z), self.factor)
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[torch.Tensor]) -> None:
+        """Principal components of the patches of `batches` ((N, 3, H, W) in [-1, 1]), in float64;
+        each component's sign is fixed (largest entry positive) so the fit is reproducible."""
+        dim, wanted = self.to_latent.in_channels, self.to_latent.out_channels
+        total = torch.zeros(dim, dtype=torch.float64)
+        outer = torch.zeros(dim, dim, dtype=torch.float64)
+        count = 0
+        for batch in batches:
+            patches = F.pixel_unshuffle(batch.double().cpu(), self.factor)
+            patches = patches.permute(0, 2, 3, 1).reshape(-1, dim)
+            total += patches.sum(0)
+            outer += patches.T @ patches
+            count += len(patches)
+        mean = total / count
+        _, vectors = torch.linalg.eigh(outer / count - torch.outer(mean, mean))
+        components = vectors.flip(1)[:, :wanted].T  # (kept, dim), largest variance first
+        largest = components.gather(1, components.abs().argmax(1, keepdim=True))
+        components = (components * torch.sign(largest)).float()
+        kept = len(components)  # a latent wider than a patch keeps its extra channels at zero
+        self._clear()
+        self.to_latent.weight[:kept, :, 0, 0] = components
+        self.to_latent.bias[:kept] = -(components @ mean.float())
+        self.to_patches.weight[:, :kept, 0, 0] = components.T
+        self.to_patches.bias.copy_(mean.float())
 
 
 def _stage(in_channels: int, out_channels: int, num_blocks: int) -> list[nn.Module]:
@@ -230,21 +288,39 @@ class Autoencoder(nn.Module):
         self.aux_head = AuxHead(
             cfg.latent_channels, cfg.aux_hidden_channels, aux_classes, 2**cfg.downsampling_steps
         )
+        self.shortcut = (
+            BlockPCA(2**cfg.downsampling_steps, cfg.latent_channels) if cfg.pca_shortcut else None
+        )
+
+    @torch.no_grad()
+    def fit_shortcut(self, images: Iterable[torch.Tensor]) -> None:
+        """Start at the block PCA of `images` ((N, 3, H, W) batches in [0, 1]): the shortcut is
+        fitted and the deep networks' last convs zeroed, so they add nothing until trained."""
+        if self.shortcut is None:
+            raise ValueError("model.pca_shortcut is false: this model has no shortcut to fit")
+        self.shortcut.fit(batch * 2.0 - 1.0 for batch in images)
+        for conv in (self.encoder.conv_out, self.decoder.conv_out):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
 
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean, logvar) for a variational model, (latent, None) for a deterministic one."""
-        h = self.encoder(images * 2.0 - 1.0)
-        if not self.cfg.variational:
-            return h, None
-        mean, logvar = h.chunk(2, dim=1)
-        return mean, logvar.clamp(*LOGVAR_RANGE)
+        x = images * 2.0 - 1.0
+        h = self.encoder(x)
+        mean, logvar = h.chunk(2, dim=1) if self.cfg.variational else (h, None)
+        if self.shortcut is not None:
+            mean = mean + self.shortcut.encode(x)
+        return mean, None if logvar is None else logvar.clamp(*LOGVAR_RANGE)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Deterministic latent (the posterior mean for a VAE), as a diffusion model would use."""
         return self.encode_moments(images)[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latents) * 0.5 + 0.5
+        h = self.decoder(latents)
+        if self.shortcut is not None:
+            h = h + self.shortcut.decode(latents)
+        return h * 0.5 + 0.5
 
     def forward(
         self,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,13 @@ from dvclive import Live
 from tqdm import tqdm
 
 from aeselect.config import Config
-from aeselect.data.dataset import PreparedData, StepBatchSampler, make_loader, to_model_input
+from aeselect.data.dataset import (
+    CacheDataset,
+    PreparedData,
+    StepBatchSampler,
+    make_loader,
+    to_model_input,
+)
 from aeselect.model import Autoencoder
 from aeselect.model.checkpoint import save_checkpoint
 from aeselect.paths import BEST_CHECKPOINT, LAST_CHECKPOINT
@@ -32,6 +39,7 @@ from aeselect.training import distributed
 from aeselect.training.loss import compute_loss
 from aeselect.training.resume import Preempted, StopRequest, save_snapshot
 
+SHORTCUT_SAMPLE = 512  # training images the block-PCA shortcut is fitted to (64px: all 256)
 STATE_KEYS = ("step", "best_val_mse", "best_step", "loss_history", "val_history", "train_seconds")
 
 
@@ -106,11 +114,14 @@ def _raise_if_nonfinite(window: list[dict[str, torch.Tensor]], first_step: int) 
 
 
 def build_model(
-    cfg: Config, aux_classes: int, runtime: Runtime
+    cfg: Config, data: PreparedData, runtime: Runtime
 ) -> tuple[Autoencoder, torch.nn.Module, torch.optim.Optimizer]:
-    """The model on its device and layout, its (DDP-wrapped, optionally compiled) forward, and
-    AdamW."""
-    model = Autoencoder(cfg.model, aux_classes).to(runtime.device)
+    """The model (its shortcut fitted to the training images, where it has one) on its device and
+    layout, its (DDP-wrapped, optionally compiled) forward, and AdamW."""
+    model = Autoencoder(cfg.model, data.aux_classes)
+    if cfg.model.pca_shortcut:
+        model.fit_shortcut(shortcut_sample(data))
+    model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     trained = distributed.wrap(model, runtime.device)
@@ -123,6 +134,18 @@ def build_model(
         fused=runtime.device.type == "cuda",
     )
     return model, forward, optimizer
+
+
+def shortcut_sample(data: PreparedData) -> Iterator[torch.Tensor]:
+    """Batches in [0, 1] of up to SHORTCUT_SAMPLE training images, evenly spaced over the split
+    (a folder's files are in path order): what the block PCA is fitted to. Never val images."""
+    train_rows = data.split_indices("train")
+    rows = train_rows[:: max(1, len(train_rows) // SHORTCUT_SAMPLE)][:SHORTCUT_SAMPLE]
+    cpu = torch.device("cpu")
+    for raw_images, raw_targets in make_loader(
+        CacheDataset(data.images, data.targets, rows), batch_size=32
+    ):
+        yield to_model_input(raw_images, raw_targets, cpu)[0]
 
 
 def train_step(
@@ -173,7 +196,7 @@ def train(
     runtime = select_runtime(cfg.train)
     seed_everything(cfg.train.seed)
     print(f"[train] device {runtime.describe()}, bf16={runtime.bf16}", file=sys.stderr)
-    model, forward, optimizer = build_model(cfg, data.aux_classes, runtime)
+    model, forward, optimizer = build_model(cfg, data, runtime)
     state = _start_state(resume_state, model, optimizer, snapshot)
     stop = StopRequest(announce=rank.is_main) if snapshot is not None else None
     loader = train_loader(cfg, data, state["step"], runtime)
