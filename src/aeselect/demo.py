@@ -25,7 +25,7 @@ from aeselect.sweep.spec import DECISIONS_DIR, PhaseSpec, all_phases
 SCRATCH = Path("build/phase1-demo")
 # Chosen by measurement (README, "The demo's numbers"): the most steps per sweep that keep
 # `make run`, set-up included, within 15 minutes on a 2-core CPU (measured: 14 min 16 s).
-SWEEP_STEPS = 300
+SWEEP_STEPS = 200
 VAL_POINTS = 10  # points on each sweep's val curve
 DEMO_IDENTITY = {
     "GIT_AUTHOR_NAME": "aeselect demo",
@@ -102,7 +102,7 @@ def run_phase(repo: Path, spec: PhaseSpec, jobs: int, sweep_steps: int) -> float
     comparison = compare(repo, spec, extra)
     table = comparison.ranking.table
     print(display_table(spec, table).to_string(index=False))
-    decision = promote(repo, spec, extra)
+    decision = promote(repo, spec, extra, gathered=comparison.phase)
     elapsed = time.monotonic() - phase_start
     print(f"-> {decision['commit_message']}  [{elapsed:.0f} s]")
     print(f"   why: {decision['rationale']}")

@@ -154,14 +154,17 @@ def promote(
     *,
     pick: str | None = None,
     why: str | None = None,
+    gathered: PhaseResults | None = None,
 ) -> dict[str, Any]:
     """Write the decision and commit it; refuses rather than guess or lose work.
 
     Only fresh runs count (`gather`, `collect_results`): each ran with params.yaml at HEAD, its
-    experiment's set and the sweep's --set (`sweep`), on HEAD's code and pipeline.
+    experiment's set and the sweep's --set (`sweep`), on HEAD's code and pipeline. `gathered` is
+    what `compare` gathered just before, for the same HEAD and `sweep` (the demo's compare, then
+    promote): reading DVC again would give the same runs ~10 s later.
     """
     require_promotable(repo, spec)
-    phase = gather(repo, spec, sweep)
+    phase = gathered if gathered is not None else gather(repo, spec, sweep)
     unfinished = _listing(phase.runs)
     if unfinished and pick is None:
         listing = ", ".join(f"{n} ({s})" for n, s in unfinished.items())
