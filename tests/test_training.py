@@ -15,10 +15,18 @@ from aeselect.data.dataset import PreparedData, StepBatchSampler
 from aeselect.data.prepare import prepare
 from aeselect.envvars import GPU_LOCK_DIR_ENV
 from aeselect.model import AutoencoderOutput
+from aeselect.model.autoencoder import BlockPCA
 from aeselect.model.checkpoint import load_checkpoint
 from aeselect.paths import LAST_CHECKPOINT
+from aeselect.runtime import select_runtime
 from aeselect.stages import open_live
-from aeselect.training.loop import NonFiniteLossError, _raise_if_nonfinite, lr_at, train
+from aeselect.training.loop import (
+    NonFiniteLossError,
+    _raise_if_nonfinite,
+    build_model,
+    lr_at,
+    train,
+)
 from aeselect.training.loss import compute_loss
 
 
@@ -145,3 +153,23 @@ def test_images_per_s_of_a_resumed_run_counts_every_step(tmp_path, one_thread):
         result = train(resumed, data, tmp_path / "models", live, resume_state=state)
     assert result.train_time_s > earlier_seconds
     assert result.images_per_s == pytest.approx(6 * TINY["train.batch_size"] / result.train_time_s)
+
+
+def test_a_new_model_starts_at_the_block_pca_of_the_training_images_only(tmp_path, one_thread):
+    cfg = from_dict(apply_overrides({}, TINY | one_thread | {"model.pca_shortcut": True}))
+    prepare(cfg, tmp_path / "prepared")
+    data = PreparedData.load(tmp_path / "prepared")
+    model, _, _ = build_model(cfg, data, select_runtime(cfg.train))
+
+    def fitted_to(split_rows):
+        images = torch.from_numpy(data.images[split_rows]).permute(0, 3, 1, 2).float() / 255
+        code = BlockPCA(2**cfg.model.downsampling_steps, cfg.model.latent_channels)
+        code.fit([images * 2 - 1])
+        return code.to_latent.weight
+
+    train_rows = data.split_indices("train")
+    every_row = sorted([*train_rows, *data.split_indices("val")])
+    assert torch.allclose(model.shortcut.to_latent.weight, fitted_to(train_rows), atol=1e-6)
+    assert not torch.allclose(model.shortcut.to_latent.weight, fitted_to(every_row), atol=1e-3)
+    for conv in (model.encoder.conv_out, model.decoder.conv_out):
+        assert torch.count_nonzero(conv.weight) == 0
