@@ -36,6 +36,13 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
+def zero_init(*convs: nn.Conv2d) -> None:
+    """Weights and biases to zero: the layer adds nothing until training moves it."""
+    for conv in convs:
+        nn.init.zeros_(conv.weight)
+        nn.init.zeros_(conv.bias)
+
+
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, twice, with a 1x1 shortcut when the width changes.
 
@@ -51,8 +58,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        zero_init(self.conv2)
         self.shortcut = (
             nn.Identity()
             if in_channels == out_channels
@@ -124,9 +130,7 @@ class BlockPCA(nn.Module):
 
     def _clear(self) -> None:
         """Zero: an unfitted code adds nothing, so the autoencoder is the deep networks alone."""
-        for conv in (self.to_latent, self.to_patches):
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+        zero_init(self.to_latent, self.to_patches)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.to_latent(F.pixel_unshuffle(x, self.factor))
@@ -299,9 +303,7 @@ class Autoencoder(nn.Module):
         if self.shortcut is None:
             raise ValueError("model.pca_shortcut is false: this model has no shortcut to fit")
         self.shortcut.fit(batch * 2.0 - 1.0 for batch in images)
-        for conv in (self.encoder.conv_out, self.decoder.conv_out):
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+        zero_init(self.encoder.conv_out, self.decoder.conv_out)
 
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean, logvar) for a variational model, (latent, None) for a deterministic one."""
