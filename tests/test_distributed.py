@@ -202,9 +202,9 @@ def test_a_vae_batch_split_over_ranks_samples_the_noise_of_the_whole_batch():
     model = Autoencoder(cfg.model, aux_classes=3).train()
     images = torch.rand(4, 3, 16, 16)
 
-    def latent(rows: slice, batch_rows=None) -> torch.Tensor:
+    def latent(part: slice, rows=None) -> torch.Tensor:
         generator = torch.Generator().manual_seed(7)
-        return model(images[rows], generator=generator, batch_rows=batch_rows).latent
+        return model(images[part], generator=generator, rows=rows).latent
 
     halves = [latent(slice(0, 2), (0, 4)), latent(slice(2, 4), (2, 4))]
     torch.testing.assert_close(torch.cat(halves), latent(slice(0, 4)))

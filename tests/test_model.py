@@ -219,3 +219,15 @@ def test_an_unfitted_shortcut_adds_nothing():
         )
     with pytest.raises(ValueError, match="pca_shortcut is false"):
         plain.fit_shortcut([images])
+
+
+def test_a_posterior_sample_is_mean_plus_std_times_the_generators_noise():
+    mean = torch.randn(3, 2, 4, 4)
+    logvar = torch.full_like(mean, math.log(0.25))
+    sample = DiagonalGaussian(mean, logvar).sample(torch.Generator().manual_seed(3))
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(sample, mean + 0.5 * noise)
+    # A slice of a batch of 5 (rows 1..3) gets those rows of the whole batch's noise.
+    rows = DiagonalGaussian(mean, logvar).sample(torch.Generator().manual_seed(3), rows=(1, 5))
+    whole = torch.randn((5, *mean.shape[1:]), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(rows, mean + 0.5 * whole[1:4])

@@ -264,6 +264,22 @@ class DiagonalGaussian:
         prior = Normal(torch.zeros_like(posterior.loc), torch.ones_like(posterior.scale))
         return kl_divergence(posterior, prior).flatten(1).mean(dim=1)
 
+    def sample(
+        self, generator: torch.Generator | None, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """mean + std * noise, the noise drawn from `generator` (explicit, so sampling follows
+        the training seed). `rows` = (first row, size of the whole batch) when this posterior is
+        one DDP rank's slice of a batch: the whole batch's noise is drawn and this slice kept, so
+        each row gets the noise the unsplit batch would give it."""
+        first, total = rows or (0, len(self.mean))
+        noise = torch.randn(
+            (total, *self.mean.shape[1:]),
+            generator=generator,
+            device=self.mean.device,
+            dtype=self.mean.dtype,
+        )[first : first + len(self.mean)]
+        return self.mean + torch.exp(0.5 * self.logvar) * noise
+
 
 @dataclass
 class AutoencoderOutput:
@@ -328,19 +344,14 @@ class Autoencoder(nn.Module):
         self,
         images: torch.Tensor,
         generator: torch.Generator | None = None,
-        batch_rows: tuple[int, int] | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> AutoencoderOutput:
-        """`batch_rows` = (first row, size of the whole batch) when `images` is one DDP rank's
-        slice: the noise of the whole batch is drawn and sliced, as the unsplit batch would."""
+        """In training a VAE's latent is a posterior sample (`generator`, `rows`: see
+        DiagonalGaussian.sample); otherwise, and always for a deterministic model, the mean."""
         mean, logvar = self.encode_moments(images)
         latent = mean
         if logvar is not None and self.training:
-            first, total = batch_rows or (0, len(mean))
-            # torch.randn with an explicit generator keeps sampling on the training seed.
-            noise = torch.randn(
-                (total, *mean.shape[1:]), generator=generator, device=mean.device, dtype=mean.dtype
-            )[first : first + len(mean)]
-            latent = mean + torch.exp(0.5 * logvar) * noise
+            latent = DiagonalGaussian(mean, logvar).sample(generator, rows)
         return AutoencoderOutput(
             reconstruction=self.decode(latent),
             latent=latent,

@@ -167,7 +167,7 @@ def train_step(
         out = forward(
             images,
             generator=step_generator(cfg.train.seed, step, runtime.device),
-            batch_rows=distributed.batch_rows(len(images)),
+            rows=distributed.batch_rows(len(images)),
         )
     loss, terms = compute_loss(out, images, targets, cfg.loss)
     optimizer.zero_grad(set_to_none=True)
