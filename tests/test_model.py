@@ -103,11 +103,16 @@ def test_group_norm_keeps_each_images_channel_means(channels):
     assert group_norm(channels)(features).abs().mean() > 0.5
 
 
-def test_a_new_res_block_is_the_identity():
+def test_a_new_models_res_blocks_are_the_identity_or_their_shortcut():
     """Residual branches start at zero, so a new network is shallow from latent to pixels."""
     torch.manual_seed(0)
-    x = torch.randn(2, 16, 8, 8)
-    assert torch.equal(ResBlock(16, 16)(x), x)
+    _, model = build(32, 3, 4, 8, False)
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    assert len(blocks) >= 8
+    for block in blocks:
+        x = torch.randn(2, block.conv1.in_channels, 8, 8)
+        with torch.no_grad():
+            assert torch.equal(block(x), block.shortcut(x))
 
 
 def test_convs_start_variance_preserving_outside_the_residual_ends():
@@ -207,16 +212,26 @@ def test_the_shortcut_fit_is_reproducible_and_keeps_extra_channels_at_zero():
     assert torch.count_nonzero(fits[0]["to_latent.weight"][:12]) > 0
 
 
-def test_an_unfitted_shortcut_adds_nothing():
+def test_a_shortcut_model_starts_as_its_shortcut_with_the_plain_models_other_weights():
+    """With a shortcut the deep networks' last convs start at zero (the model is the block code
+    alone, zero until fitted); every other weight is the plain model's of the same seed, so
+    model.pca_shortcut alone differs between the two."""
     torch.manual_seed(0)
     _, plain = build(32, 3, 4, 16, False)
     torch.manual_seed(0)
     _, with_shortcut = build(32, 3, 4, 16, False, pca=True)
+    starts_at_zero = {"encoder.conv_out", "decoder.conv_out", "shortcut.to_latent"}
+    starts_at_zero |= {"shortcut.to_patches"}
+    plain_weights = plain.state_dict()
+    for key, value in with_shortcut.state_dict().items():
+        if key.rsplit(".", 1)[0] in starts_at_zero:
+            assert not value.any(), key
+        else:
+            assert torch.equal(value, plain_weights[key]), key
+    assert plain.encoder.conv_out.weight.any() and plain.decoder.conv_out.weight.any()
     images = smooth_images(2, 32)
     with torch.no_grad():
-        assert torch.equal(
-            plain.eval()(images).reconstruction, with_shortcut.eval()(images).reconstruction
-        )
+        assert not with_shortcut.eval()(images).reconstruction.sub(0.5).any()
     with pytest.raises(ValueError, match="pca_shortcut is false"):
         plain.fit_shortcut([images])
 

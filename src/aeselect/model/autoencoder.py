@@ -44,13 +44,8 @@ def zero_init(*convs: nn.Conv2d) -> None:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, twice, with a 1x1 shortcut when the width changes.
-
-    The residual branch starts at zero (its last conv zero-initialised, as guided-diffusion's
-    res blocks do), so a new network is a shallow path from input to output. With the default
-    init the deeper demo models (4-5 downsampling steps) collapsed within ~10 Adam steps to
-    decoding the dataset's mean image whatever the latent, and stayed there.
-    """
+    """GroupNorm -> SiLU -> conv, twice, with a 1x1 shortcut when the width changes. In an
+    Autoencoder the residual branch starts at zero (`conv2`, see Autoencoder.init_weights)."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -58,7 +53,6 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        zero_init(self.conv2)
         self.shortcut = (
             nn.Identity()
             if in_channels == out_channels
@@ -93,32 +87,15 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def preserve_variance(module: nn.Module) -> None:
-    """He-initialise (fan-in, unit gain) every conv except the zero-initialised residual ends.
-
-    PyTorch's default conv init scales each layer's output by about 1/sqrt(3); over the ~10 convs
-    outside the residual branches that starts the autoencoder as a deep linear map with a ~200x
-    smaller output than input. Weak directions of the data then wait on long plateaus before
-    they are learned: at the demo's compute the default-initialised models reconstructed in grey
-    (colour, three quarters of the final's error, was never learned in 1600 steps; README, "Where
-    the remaining error is").
-    """
-    zero_ends = {id(block.conv2) for block in module.modules() if isinstance(block, ResBlock)}
-    for layer in module.modules():
-        if isinstance(layer, nn.Conv2d) and id(layer) not in zero_ends:
-            nn.init.kaiming_normal_(layer.weight, nonlinearity="linear")
-            nn.init.zeros_(layer.bias)
-
-
 class BlockPCA(nn.Module):
     """A linear block code beside the deep networks: each f x f x 3 patch <-> C latent numbers.
 
-    `fit` sets it to the training images' block PCA, the best linear code of the latent's size,
-    and the deep encoder's and decoder's last convs start at zero: a new autoencoder then already
-    reconstructs as well as that code, and the deep networks learn only what a linear code
-    cannot. Trained from scratch, every demo model sat below this code after 300 steps (lc4 18.2
-    against 19.1 dB, lc16 18.4 against 24.4 dB) and the latent's size did not show in its MSE
-    (README, "The block-PCA shortcut").
+    It starts at zero; `fit` sets it to the training images' block PCA, the best linear code of
+    the latent's size. As the deep encoder's and decoder's last convs start at zero beside it
+    (Autoencoder.init_weights), a new autoencoder then reconstructs exactly as well as that code
+    and the deep networks learn only what a linear code cannot. Trained from scratch, every demo
+    model stayed below this code at the demo's compute, and the latent's size did not show in
+    its MSE (README, "The block-PCA shortcut", with the measurements).
     """
 
     def __init__(self, factor: int, latent_channels: int):
@@ -126,10 +103,6 @@ class BlockPCA(nn.Module):
         self.factor = factor
         self.to_latent = nn.Conv2d(3 * factor * factor, latent_channels, 1)
         self.to_patches = nn.Conv2d(latent_channels, 3 * factor * factor, 1)
-        self._clear()
-
-    def _clear(self) -> None:
-        """Zero: an unfitted code adds nothing, so the autoencoder is the deep networks alone."""
         zero_init(self.to_latent, self.to_patches)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +131,7 @@ class BlockPCA(nn.Module):
         largest = components.gather(1, components.abs().argmax(1, keepdim=True))
         components = (components * torch.sign(largest)).float()
         kept = len(components)  # a latent wider than a patch keeps its extra channels at zero
-        self._clear()
+        zero_init(self.to_latent, self.to_patches)
         self.to_latent.weight[:kept, :, 0, 0] = components
         self.to_latent.bias[:kept] = -(components @ mean.float())
         self.to_patches.weight[:, :kept, 0, 0] = components.T
@@ -303,23 +276,52 @@ class Autoencoder(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        preserve_variance(self.encoder)
-        preserve_variance(self.decoder)
-        self.aux_head = AuxHead(
+        # The global generator's draws, and so every weight a seed gives, come in this order: the
+        # deep networks (built, then init_weights), then the aux head, then the shortcut.
+        self.init_weights()
+        self.aux_head = AuxHead(  # PyTorch's default init
             cfg.latent_channels, cfg.aux_hidden_channels, aux_classes, 2**cfg.downsampling_steps
         )
-        self.shortcut = (
+        self.shortcut = (  # zero until fit_shortcut
             BlockPCA(2**cfg.downsampling_steps, cfg.latent_channels) if cfg.pca_shortcut else None
         )
 
     @torch.no_grad()
+    def init_weights(self) -> None:
+        """The deep encoder's and decoder's start, in this order (the README's "Why the residual
+        branches start at zero", "Colour, and why the convs are He-initialised" and "The block-PCA
+        shortcut" have the measurements):
+
+        1. Each conv, in module order: a residual branch's last conv (ResBlock.conv2) zero, as in
+           guided-diffusion, so a new network is a shallow path from input to output (else the
+           deeper models collapse to the mean image); every other conv He-initialised (fan-in,
+           unit gain; bias zero). PyTorch's default scales each conv's output by about
+           1/sqrt(3), so the ~10 convs outside the residual branches would start as a deep linear
+           map that shrinks its input ~200x, whose weak directions (colour) wait on long plateaus.
+        2. With a block-PCA shortcut, the deep encoder's and decoder's last convs then zero: the
+           model starts as the shortcut alone (its block PCA once fitted), and the networks learn
+           what that code misses. Zeroed after their He draw, so that every other weight is the
+           one the same seed gives the model without a shortcut.
+        """
+        residual_ends = {block.conv2 for block in self.modules() if isinstance(block, ResBlock)}
+        for network in (self.encoder, self.decoder):
+            for conv in network.modules():
+                if not isinstance(conv, nn.Conv2d):
+                    continue
+                if conv in residual_ends:
+                    zero_init(conv)
+                else:
+                    nn.init.kaiming_normal_(conv.weight, nonlinearity="linear")
+                    nn.init.zeros_(conv.bias)
+        if self.cfg.pca_shortcut:
+            zero_init(self.encoder.conv_out, self.decoder.conv_out)
+
+    @torch.no_grad()
     def fit_shortcut(self, images: Iterable[torch.Tensor]) -> None:
-        """Start at the block PCA of `images` ((N, 3, H, W) batches in [0, 1]): the shortcut is
-        fitted and the deep networks' last convs zeroed, so they add nothing until trained."""
+        """Set the shortcut to the block PCA of `images` ((N, 3, H, W) batches in [0, 1])."""
         if self.shortcut is None:
             raise ValueError("model.pca_shortcut is false: this model has no shortcut to fit")
         self.shortcut.fit(batch * 2.0 - 1.0 for batch in images)
-        zero_init(self.encoder.conv_out, self.decoder.conv_out)
 
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean, logvar) for a variational model, (latent, None) for a deterministic one."""
