@@ -76,12 +76,12 @@ class StepRunner:
 
         from aeselect.data.dataset import StepBatchSampler, make_loader, to_model_input
         from aeselect.runtime import seed_everything, select_runtime
-        from aeselect.training.loop import build_model
+        from aeselect.training.loop import build_run
 
         runtime = select_runtime(cfg.train)
-        self.cfg, self.runtime = cfg, runtime if bf16 is None else replace(runtime, bf16=bf16)
+        self.runtime = runtime if bf16 is None else replace(runtime, bf16=bf16)
         seed_everything(cfg.train.seed)
-        self.model, self.forward, self.optimizer = build_model(cfg, data, runtime)
+        self.run = build_run(cfg, data, self.runtime)
         train_set = data.dataset("train")
         sampler = StepBatchSampler(len(train_set), cfg.train.batch_size, cfg.train.seed, 0, 1)
         raw = next(iter(make_loader(train_set, batch_sampler=sampler)))
@@ -90,8 +90,7 @@ class StepRunner:
     def step(self) -> None:
         from aeselect.training.loop import train_step
 
-        model, optimizer = self.model, self.optimizer
-        train_step(self.forward, model, optimizer, *self.batch, 0, self.cfg, self.runtime)
+        train_step(self.run, *self.batch, 0)
 
     def seconds(self, steps: int) -> float:
         return mean_seconds(self.step, steps)
@@ -160,16 +159,16 @@ def bare_train(cfg, data) -> float:
     checkpoints or preemption checks."""
     from aeselect.data.dataset import to_model_input
     from aeselect.runtime import seed_everything, select_runtime
-    from aeselect.training.loop import build_model, train_loader, train_step
+    from aeselect.training.loop import build_run, train_loader, train_step
 
     start = time.perf_counter()
     runtime = select_runtime(cfg.train)
     seed_everything(cfg.train.seed)
-    model, forward, optimizer = build_model(cfg, data, runtime)
-    model.train()
+    run = build_run(cfg, data, runtime)
+    run.model.train()
     for step, raw in enumerate(train_loader(cfg, data, 0, runtime)):
         batch = to_model_input(*raw, runtime.device, runtime.channels_last)
-        terms = train_step(forward, model, optimizer, *batch, step, cfg, runtime)
+        terms = train_step(run, *batch, step)
     float(terms["total"])  # waits for the device
     return time.perf_counter() - start
 

@@ -23,11 +23,12 @@ from aeselect.stages import open_live
 from aeselect.training.loop import (
     NonFiniteLossError,
     _raise_if_nonfinite,
-    build_model,
+    build_run,
     lr_at,
     train,
 )
 from aeselect.training.loss import compute_loss
+from aeselect.training.resume import TrainState
 
 
 def output(recon, mean=None, logvar=None, classes=3):
@@ -145,12 +146,17 @@ def test_images_per_s_of_a_resumed_run_counts_every_step(tmp_path, one_thread):
         first = train(cfg, data, tmp_path / "models", live)
     last = load_checkpoint(tmp_path / "models" / LAST_CHECKPOINT.name)
     earlier_seconds = 1000.0  # as if the first segment had run on a slow node
-    state = {key: last[key] for key in ("model", "optimizer", "step", "best_val_mse", "best_step")}
-    state |= {"loss_history": [1.0] * 3, "val_history": [first.best_val_mse]}
-    state |= {"train_seconds": earlier_seconds}
+    state = TrainState(
+        last["step"], last["best_val_mse"], last["best_step"], [1.0] * 3, [first.best_val_mse]
+    )
+    state.train_seconds = earlier_seconds
+    run = build_run(cfg, data, select_runtime(cfg.train))
+    run.model.load_state_dict(last["model"])
+    run.optimizer.load_state_dict(last["optimizer"])
     resumed = from_dict(apply_overrides(cfg.to_dict(), {"train.max_steps": 6}))
+    snapshot = state.snapshot(run.model, run.optimizer)
     with open_live(tmp_path / "live", resume=True) as live:
-        result = train(resumed, data, tmp_path / "models", live, resume_state=state)
+        result = train(resumed, data, tmp_path / "models", live, resume_state=snapshot)
     assert result.train_time_s > earlier_seconds
     assert result.images_per_s == pytest.approx(6 * TINY["train.batch_size"] / result.train_time_s)
 
@@ -159,7 +165,7 @@ def test_a_new_model_starts_at_the_block_pca_of_the_training_images_only(tmp_pat
     cfg = from_dict(apply_overrides({}, TINY | one_thread | {"model.pca_shortcut": True}))
     prepare(cfg, tmp_path / "prepared")
     data = PreparedData.load(tmp_path / "prepared")
-    model, _, _ = build_model(cfg, data, select_runtime(cfg.train))
+    model = build_run(cfg, data, select_runtime(cfg.train)).model
 
     def fitted_to(split_rows):
         images = torch.from_numpy(data.images[split_rows]).permute(0, 3, 1, 2).float() / 255
@@ -173,3 +179,11 @@ def test_a_new_model_starts_at_the_block_pca_of_the_training_images_only(tmp_pat
     assert not torch.allclose(model.shortcut.to_latent.weight, fitted_to(every_row), atol=1e-3)
     for conv in (model.encoder.conv_out, model.decoder.conv_out):
         assert torch.count_nonzero(conv.weight) == 0
+
+
+def test_the_main_rank_alone_and_always_writes_to_a_live(tmp_path, one_thread):
+    cfg = from_dict(apply_overrides({}, TINY | one_thread))
+    prepare(cfg, tmp_path / "prepared")
+    data = PreparedData.load(tmp_path / "prepared")
+    with pytest.raises(ValueError, match="rank 0: the main rank alone, and always"):
+        train(cfg, data, tmp_path / "models", None)

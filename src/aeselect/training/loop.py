@@ -2,9 +2,10 @@
 ends at `train.max_steps` or, on a stop request, at the next log boundary.
 
 Host syncs happen only at log and eval intervals: per-step loss terms stay on the device and a
-non-finite loss is found, with its exact step and terms, when the window is read. What a resumed
-run continues from is one dict, `state` (STATE_KEYS); a preemption snapshot is that dict with the
-model and optimiser state added, and is what `resume_state` gives back.
+non-finite loss is found, with its exact step and terms, when the window is read. A run's objects
+(config, data, runtime, rank, model, optimiser, outputs) travel together as one `Run`; what it
+continues from is its `TrainState`, whose snapshot round trip (training.resume) is the preemption
+snapshot that `resume_state` gives back.
 """
 
 from __future__ import annotations
@@ -37,14 +38,32 @@ from aeselect.scoring.images import reconstruction_grid
 from aeselect.scoring.validation import val_batches
 from aeselect.training import distributed
 from aeselect.training.loss import compute_loss
-from aeselect.training.resume import Preempted, StopRequest, save_snapshot
+from aeselect.training.resume import Preempted, Snapshot, StopRequest, TrainState, save_snapshot
 
 SHORTCUT_SAMPLE = 512  # training images the block-PCA shortcut is fitted to (64px: all 256)
-STATE_KEYS = ("step", "best_val_mse", "best_step", "loss_history", "val_history", "train_seconds")
 
 
 class NonFiniteLossError(RuntimeError):
     """Training diverged: the message gives the step and every loss term at that step."""
+
+
+@dataclass
+class Run:
+    """One training run's objects, built once (`build_run`) and passed together.
+
+    `model` owns the parameters and `forward` runs them (they differ when it is DDP-wrapped or
+    compiled). `live` and `models_dir` are the main rank's outputs: None on the other ranks, and
+    where no outputs are written (the bench's bare steps)."""
+
+    cfg: Config
+    data: PreparedData
+    runtime: Runtime
+    rank: distributed.Rank
+    model: Autoencoder
+    forward: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    live: Live | None = None
+    models_dir: Path | None = None
 
 
 @dataclass
@@ -66,18 +85,18 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 @torch.no_grad()
-def validate(
-    model: Autoencoder, data: PreparedData, cfg: Config, runtime: Runtime, num_samples: int
-) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+def validate(run: Run) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """Val-set MSE, PSNR, KLD and auxiliary scores, plus the first images for a grid."""
-    model.eval()
+    data, runtime = run.data, run.runtime
+    num_samples = run.cfg.evaluate.num_sample_images
+    run.forward.eval()
     aux = metrics.AuxScore(data.aux_classes, data.aux_task, runtime.device)
     sums: dict[str, float] = {}
     count = 0
     samples: list[torch.Tensor] = []
     recon_samples: list[torch.Tensor] = []
     for images, targets, out, reconstruction in val_batches(
-        model, data, cfg.evaluate.batch_size, runtime
+        run.forward, data, run.cfg.evaluate.batch_size, runtime
     ):
         aux.update(out.aux_logits, targets)
         batch = {
@@ -92,7 +111,7 @@ def validate(
         if sum(len(s) for s in samples) < num_samples:
             samples.append(images.cpu())
             recon_samples.append(reconstruction.cpu())
-    model.train()
+    run.forward.train()
     return (
         {key: value / count for key, value in sums.items()} | aux.compute(),
         torch.cat(samples)[:num_samples],
@@ -113,11 +132,15 @@ def _raise_if_nonfinite(window: list[dict[str, torch.Tensor]], first_step: int) 
         )
 
 
-def build_model(
-    cfg: Config, data: PreparedData, runtime: Runtime
-) -> tuple[Autoencoder, torch.nn.Module, torch.optim.Optimizer]:
-    """The model (its shortcut fitted to the training images, where it has one) on its device and
-    layout, its (DDP-wrapped, optionally compiled) forward, and AdamW."""
+def build_run(
+    cfg: Config,
+    data: PreparedData,
+    runtime: Runtime,
+    live: Live | None = None,
+    models_dir: Path | None = None,
+) -> Run:
+    """The run with its model (the shortcut fitted to the training images, where it has one) on
+    its device and layout, the (DDP-wrapped, optionally compiled) forward, and AdamW."""
     model = Autoencoder(cfg.model, data.aux_classes)
     if cfg.model.pca_shortcut:
         model.fit_shortcut(shortcut_sample(data))
@@ -133,7 +156,8 @@ def build_model(
         weight_decay=cfg.train.weight_decay,
         fused=runtime.device.type == "cuda",
     )
-    return model, forward, optimizer
+    rank = distributed.this_rank()
+    return Run(cfg, data, runtime, rank, model, forward, optimizer, live, models_dir)
 
 
 def shortcut_sample(data: PreparedData) -> Iterator[torch.Tensor]:
@@ -149,32 +173,25 @@ def shortcut_sample(data: PreparedData) -> Iterator[torch.Tensor]:
 
 
 def train_step(
-    forward: torch.nn.Module,
-    model: Autoencoder,
-    optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    step: int,
-    cfg: Config,
-    runtime: Runtime,
+    run: Run, images: torch.Tensor, targets: torch.Tensor, step: int
 ) -> dict[str, torch.Tensor]:
     """One optimisation step at `step` (lr schedule, forward, loss, backward, clipping, AdamW);
-    returns the loss terms, still on the device. `forward` runs the model, `model` owns the
-    parameters (they differ under DDP and torch.compile)."""
-    for group in optimizer.param_groups:
+    returns the loss terms, still on the device."""
+    cfg, runtime = run.cfg, run.runtime
+    for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     with runtime.autocast():
-        out = forward(
+        out = run.forward(
             images,
             generator=step_generator(cfg.train.seed, step, runtime.device),
             rows=distributed.batch_rows(len(images)),
         )
     loss, terms = compute_loss(out, images, targets, cfg.loss)
-    optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.train.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-    optimizer.step()
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
+    run.optimizer.step()
     return terms
 
 
@@ -184,79 +201,69 @@ def train(
     models_dir: Path,
     live: Live | None,
     *,
-    resume_state: dict | None = None,
+    resume_state: Snapshot | None = None,
     snapshot: Path | None = None,
 ) -> TrainResult:
-    """Train from scratch, or from `resume_state`; with `snapshot` set, SIGUSR1/SIGTERM stop the
-    run at the next log boundary with a resume snapshot there (raises Preempted).
+    """Train from scratch, or from the snapshot `resume_state`; with `snapshot` (its directory)
+    set, SIGUSR1/SIGTERM stop the run at the next log boundary with a resume snapshot there
+    (raises Preempted).
 
-    Under torchrun every rank calls this; rank 0 alone gets `live` and writes anything.
+    Under torchrun every rank calls this; the main rank (rank 0) alone gets `live` and writes.
     """
     rank = distributed.this_rank()
+    if (live is not None) != rank.is_main:
+        raise ValueError(f"rank {rank.rank}: the main rank alone, and always, writes to a Live")
     runtime = select_runtime(cfg.train)
     seed_everything(cfg.train.seed)
     print(f"[train] device {runtime.describe()}, bf16={runtime.bf16}", file=sys.stderr)
-    model, forward, optimizer = build_model(cfg, data, runtime)
-    state = _start_state(resume_state, model, optimizer, snapshot)
+    run = build_run(cfg, data, runtime, live, models_dir)
+    state = _start_state(run, resume_state, snapshot)
     stop = StopRequest(announce=rank.is_main) if snapshot is not None else None
-    loader = train_loader(cfg, data, state["step"], runtime)
+    loader = train_loader(cfg, data, state.step, runtime)
     progress = tqdm(
         total=cfg.train.max_steps,
-        initial=state["step"],
+        initial=state.step,
         disable=not (rank.is_main and sys.stderr.isatty()),
     )
     window: list[dict[str, torch.Tensor]] = []
     stopping = False
-    model.train()
+    run.model.train()
     tick = time.perf_counter()
-    for step, (raw_images, raw_targets) in enumerate(loader, start=state["step"]):
+    for step, (raw_images, raw_targets) in enumerate(loader, start=state.step):
         images, targets = to_model_input(
             raw_images, raw_targets, runtime.device, runtime.channels_last
         )
-        window.append(train_step(forward, model, optimizer, images, targets, step, cfg, runtime))
+        window.append(train_step(run, images, targets, step))
         progress.update(1)
-        state["step"] = done = step + 1
+        state.step = done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-            _log_window(distributed.mean_over_ranks(window), state, cfg, live, progress)
+            _log_window(run, state, distributed.mean_over_ranks(window), progress)
             window = []
             # Every rank stops at the same boundary when any one of them was signalled.
             stopping = stop is not None and distributed.any_rank(
                 stop.requested is not None, runtime.device
             )
-        if live is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
-            state["train_seconds"] += time.perf_counter() - tick
-            val = _validate_and_log(forward, data, cfg, runtime, live, state)
-            _save_checkpoints(model, optimizer, cfg, data, models_dir, state, val["mse"])
+        if rank.is_main and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
+            state.train_seconds += time.perf_counter() - tick
+            val = _validate_and_log(run, state)
+            _save_checkpoints(run, state, val["mse"])
             tick = time.perf_counter()
         if stopping:
-            state["train_seconds"] += time.perf_counter() - tick
+            state.train_seconds += time.perf_counter() - tick
             break
     progress.close()
     if stopping:
-        _stop_with_snapshot(model, optimizer, state, live, models_dir, snapshot, stop)
-    return _finish(cfg, state, live, runtime, rank)
+        _stop_with_snapshot(run, state, snapshot, stop.reason)
+    return _finish(run, state)
 
 
-def _start_state(
-    resume_state: dict | None,
-    model: Autoencoder,
-    optimizer: torch.optim.Optimizer,
-    snapshot: Path | None,
-) -> dict:
+def _start_state(run: Run, resume_state: Snapshot | None, snapshot: Path | None) -> TrainState:
     """A fresh run's state, or the resumed one's with the model and optimiser restored."""
     if resume_state is None:
-        return {
-            "step": 0,
-            "best_val_mse": float("inf"),
-            "best_step": -1,
-            "loss_history": [],
-            "val_history": [],
-            "train_seconds": 0.0,
-        }
-    model.load_state_dict(resume_state["model"])
-    optimizer.load_state_dict(resume_state["optimizer"])
-    print(f"[train] resumed at step {resume_state['step']} from {snapshot}", file=sys.stderr)
-    return {key: resume_state[key] for key in STATE_KEYS}
+        return TrainState()
+    state = TrainState.resume(resume_state, run.model, run.optimizer)
+    print(f"[train] resumed at step {state.step} from {snapshot}", file=sys.stderr)
+    return state
 
 
 def train_loader(cfg: Config, data: PreparedData, start_step: int, runtime: Runtime):
@@ -277,109 +284,81 @@ def train_loader(cfg: Config, data: PreparedData, start_step: int, runtime: Runt
 
 
 def _log_window(
-    window: list[dict[str, torch.Tensor]], state: dict, cfg: Config, live: Live | None, progress
+    run: Run, state: TrainState, window: list[dict[str, torch.Tensor]], progress: tqdm
 ) -> None:
     """The window's loss terms (averaged over ranks): checked, kept, logged as means."""
-    done = state["step"]
+    done = state.step
     _raise_if_nonfinite(window, done - len(window))
-    state["loss_history"] += torch.stack([t["total"] for t in window]).tolist()
-    if live is not None:
-        live.step = done
+    state.loss_history += torch.stack([t["total"] for t in window]).tolist()
+    if run.rank.is_main:
+        run.live.step = done
         for name in window[0]:
-            live.log_metric(f"loss/{name}", torch.stack([t[name] for t in window]).mean().item())
-        live.log_metric("lr", lr_at(done - 1, cfg))
+            value = torch.stack([t[name] for t in window]).mean().item()
+            run.live.log_metric(f"loss/{name}", value)
+        run.live.log_metric("lr", lr_at(done - 1, run.cfg))
     progress.set_postfix(loss=f"{float(window[-1]['total']):.4f}")
 
 
-def _validate_and_log(
-    forward: torch.nn.Module,
-    data: PreparedData,
-    cfg: Config,
-    runtime: Runtime,
-    live: Live,
-    state: dict,
-) -> dict[str, float]:
+def _validate_and_log(run: Run, state: TrainState) -> dict[str, float]:
     """Score the val set, log the scores and a reconstruction grid at the current step."""
-    done = state["step"]
-    val, originals, reconstructions = validate(
-        forward, data, cfg, runtime, cfg.evaluate.num_sample_images
-    )
-    state["val_history"].append(val["mse"])
-    live.step = done
+    done = state.step
+    val, originals, reconstructions = validate(run)
+    state.val_history.append(val["mse"])
+    run.live.step = done
     for name, value in val.items():
-        live.log_metric(f"val/{name}", value)
-    live.log_image(
+        run.live.log_metric(f"val/{name}", value)
+    run.live.log_image(
         f"val_reconstructions/step_{done:06d}.png",
         reconstruction_grid(originals, reconstructions, with_error=False),
     )
     return val
 
 
-def _save_checkpoints(
-    model: Autoencoder,
-    optimizer: torch.optim.Optimizer,
-    cfg: Config,
-    data: PreparedData,
-    models_dir: Path,
-    state: dict,
-    val_mse: float,
-) -> None:
+def _save_checkpoints(run: Run, state: TrainState, val_mse: float) -> None:
     """last.pt at every evaluation, best.pt when the val MSE is the lowest so far."""
     checkpoint = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": state["step"],
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "step": state.step,
         "val_mse": val_mse,
-        "config": cfg.to_dict(),
-        "aux_task": data.aux_task,
-        "aux_classes": data.aux_classes,
+        "config": run.cfg.to_dict(),
+        "aux_task": run.data.aux_task,
+        "aux_classes": run.data.aux_classes,
     }
-    if val_mse < state["best_val_mse"]:
-        state["best_val_mse"], state["best_step"] = val_mse, state["step"]
-        save_checkpoint(models_dir / BEST_CHECKPOINT.name, **checkpoint)
-    best = {"best_val_mse": state["best_val_mse"], "best_step": state["best_step"]}
-    save_checkpoint(models_dir / LAST_CHECKPOINT.name, **checkpoint, **best)
+    if val_mse < state.best_val_mse:
+        state.best_val_mse, state.best_step = val_mse, state.step
+        save_checkpoint(run.models_dir / BEST_CHECKPOINT.name, **checkpoint)
+    best = {"best_val_mse": state.best_val_mse, "best_step": state.best_step}
+    save_checkpoint(run.models_dir / LAST_CHECKPOINT.name, **checkpoint, **best)
 
 
-def _stop_with_snapshot(
-    model: Autoencoder,
-    optimizer: torch.optim.Optimizer,
-    state: dict,
-    live: Live | None,
-    models_dir: Path,
-    snapshot: Path,
-    stop: StopRequest,
-) -> None:
-    """Rank 0 saves the resume snapshot (state, weights, optimiser, outputs); all ranks raise
-    Preempted."""
-    if live is not None:
-        live.make_summary()
-        resume = {"model": model.state_dict(), "optimizer": optimizer.state_dict()} | state
-        save_snapshot(snapshot, resume, [models_dir, Path(live.dir)])
-    distributed.barrier()  # the others exit only once rank 0's snapshot is complete
-    raise Preempted(
-        f"stopped at step {state['step']} on signal {stop.requested or 'to another rank'}; "
-        f"resume: {snapshot}"
-    )
+def _stop_with_snapshot(run: Run, state: TrainState, directory: Path, why: str) -> None:
+    """The main rank saves the resume snapshot (state, weights, optimiser, and copies of its
+    outputs) in `directory`; all ranks raise Preempted once it is complete."""
+    if run.rank.is_main:
+        run.live.make_summary()
+        outputs = [run.models_dir, Path(run.live.dir)]
+        save_snapshot(directory, state.snapshot(run.model, run.optimizer), outputs)
+    distributed.barrier()  # the others exit only once the main rank's snapshot is complete
+    raise Preempted(f"stopped at step {state.step} {why}; resume: {directory}")
 
 
-def _finish(
-    cfg: Config, state: dict, live: Live | None, runtime: Runtime, rank: distributed.Rank
-) -> TrainResult:
-    """The result, and (rank 0) the run's summary metrics: best, time, speed, stability."""
+def _finish(run: Run, state: TrainState) -> TrainResult:
+    """The result, and (main rank) the run's summary metrics: best, time, speed, stability."""
+    cfg, live, rank = run.cfg, run.live, run.rank
     # train_seconds spans every segment of a resumed run, so the steps counted must too.
-    seconds = state["train_seconds"]
+    seconds = state.train_seconds
     images_per_s = cfg.train.max_steps * cfg.train.batch_size / max(seconds, 1e-9)
-    result = TrainResult(state["best_val_mse"], state["best_step"], seconds, images_per_s)
-    if live is None:
+    result = TrainResult(state.best_val_mse, state.best_step, seconds, images_per_s)
+    if not rank.is_main:
         return result
     live.log_metric("best/val_mse", result.best_val_mse, plot=False)
     live.log_metric("best/step", result.best_step, plot=False)
     live.log_metric("train_time_s", seconds, plot=False)
     live.log_metric("images_per_s", images_per_s, plot=False)
     processes = f", {rank.world_size} processes (DDP)" if rank.distributed else ""
-    live.log_metric("device", runtime.describe() + processes, plot=False)
-    stability = metrics.training_stability(state["loss_history"], state["val_history"])
+    live.log_metric("device", run.runtime.describe() + processes, plot=False)
+    stability = metrics.training_stability(state.loss_history, state.val_history)
     for name, value in stability.items():
         live.log_metric(f"stability/{name}", value, plot=False)
     live.make_summary()  # records the final step (a resumed Live would keep the snapshot's)
