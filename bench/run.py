@@ -29,15 +29,17 @@ BENCHMARKS = {
     "queue": "5. 4 queued tiny experiments, -j 1 vs -j 2",
     "throughput": "6. evaluate and prepare throughput",
     "ddp": "7. train stage: 1 process vs N DDP processes (torchrun)",
+    "history": "8. phase status and compare at 1,000 commits and 50 experiments, old vs new",
 }
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
 def runner(name: str):
     import compute
+    import history
     import pipeline
 
-    module = pipeline if name in ("dvc", "queue") else compute
+    module = {"dvc": pipeline, "queue": pipeline, "history": history}.get(name, compute)
     return getattr(module, f"bench_{name}")
 
 

@@ -12,6 +12,7 @@ from aeselect import stages
 from aeselect.config import apply_overrides, flatten, from_dict
 from aeselect.sweep.metric_names import (
     EVALUATE_METRICS,
+    PROBE_METRICS,
     TRAIN_METRICS,
     is_stage_metric,
     matches,
@@ -31,7 +32,7 @@ def written(stage: str) -> set[str]:
 
 @pytest.mark.slow
 def test_metric_names_match_what_the_stages_write(tmp_path, monkeypatch):
-    seen = {"train": set(), "evaluate": set()}
+    seen = {"train": set(), "evaluate": set(), "probe": set()}
     for name, overrides in RUNS.items():
         (tmp_path / name).mkdir()
         monkeypatch.chdir(tmp_path / name)
@@ -40,9 +41,15 @@ def test_metric_names_match_what_the_stages_write(tmp_path, monkeypatch):
         stages.run_prepare(cfg)
         stages.run_train(cfg)
         stages.run_evaluate(cfg)
+        stages.run_probe(cfg)
         for stage in seen:
             seen[stage] |= written(stage)
-    for stage, declared in (("train", TRAIN_METRICS), ("evaluate", EVALUATE_METRICS)):
+    declared_by_stage = {
+        "train": TRAIN_METRICS,
+        "evaluate": EVALUATE_METRICS,
+        "probe": PROBE_METRICS,
+    }
+    for stage, declared in declared_by_stage.items():
         unknown = sorted(key for key in seen[stage] if not is_stage_metric(key))
         assert not unknown, (
             f"the {stage} stage writes metrics that src/aeselect/sweep/metric_names.py "

@@ -1,7 +1,7 @@
 """Baseline binding and retries: which runs count for a phase today, with real DVC runs.
 
 A run counts (is fresh) only when its recorded params equal params.yaml at HEAD plus its
-experiment's set plus the sweep's --set, and its `src/` and `dvc.yaml` are HEAD's.
+experiment's set plus the sweep's --set, and every stage's definition and deps are HEAD's.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from conftest import TINY, git, make_project
 from PIL import Image
 from test_phases import CHAIN_1_2, REPEATED, VALID, aeselect, write_phase
 
-from aeselect.dvc import QueueStatus, queue_status, run_dvc
+from aeselect.dvc import active_workers, queue_tasks, run_dvc
 from aeselect.sweep.experiments import (
     DRAIN_DIR,
     Baseline,
@@ -57,7 +57,7 @@ def test_with_repeats_each_training_seed_has_its_own_attempts(tmp_path):
         return Run(name, *parse_run_name(spec, name), status, None, fresh=True)
 
     runs = [run("p1-1-lc4-s0", "Success"), run("p1-1-lc4-s1", "Failed")]
-    view = PhaseRuns(spec, Baseline("h", {}, None, {}), runs, frozenset(r.name for r in runs))
+    view = PhaseRuns(spec, Baseline("h", {}, {}), runs, frozenset(r.name for r in runs))
     assert view.current(seed_0).name == "p1-1-lc4-s0"
     assert [r.name for r in view.of(seed_1)] == ["p1-1-lc4-s1"]
     # A failed seed is retried alone, under its own next attempt.
@@ -80,7 +80,7 @@ def test_the_current_run_is_the_newest_fresh_success_and_names_are_never_reused(
         run("p1-1-lc4", "Success", False),
     ]
     taken = frozenset({r.name for r in runs} | {"p1-1-lc4_2"})
-    view = PhaseRuns(spec, Baseline("h", {}, None, {}), runs, taken)
+    view = PhaseRuns(spec, Baseline("h", {}, {}), runs, taken)
     lc2, lc4 = spec.runs()
     assert view.current(lc2).name == "p1-1-lc2_3"
     assert [r.name for r in view.stale(lc2)] == ["p1-1-lc2"]
@@ -122,14 +122,16 @@ def decision(project: Path, phase_id: str) -> dict:
 
 @pytest.mark.slow
 def test_queue_status_is_read_from_dvc_itself(project):
-    """The one parser of `dvc queue status` (it has no JSON) on DVC's real output."""
-    assert queue_status(project) == QueueStatus([], 0)
+    """DVC's queue as `dvc queue status` prints it, read in-process on a real queue."""
+    assert queue_tasks(project) == [] and active_workers(project) == 0
     run_dvc(["exp", "run", "--queue", "-n", "p1-1-lc2", "-S", "model.latent_channels=2"], project)
-    status = queue_status(project)
-    (task,) = status.tasks
+    (task,) = queue_tasks(project)
     assert (task.name, task.status) == ("p1-1-lc2", "Queued")
     assert re.fullmatch("[0-9a-f]{7}", task.task)
-    assert status.active_workers == 0  # no worker started: the task waits
+    printed = run_dvc(["queue", "status"], project).stdout.splitlines()
+    assert printed[1].split()[:2] == [task.task, "p1-1-lc2"] and printed[1].split()[-1] == "Queued"
+    assert active_workers(project) == 0  # no worker started: the task waits
+    assert "Worker status: 0 active" in printed[-1]
     assert queue_states(project) == {"p1-1-lc2": TaskState("p1-1-lc2", task.task, "Queued")}
 
 
@@ -182,7 +184,9 @@ def test_redecided_phase_gets_a_fresh_sweep_of_the_next_phase(project):
 
 @pytest.mark.slow
 def test_failed_run_is_fixed_and_run_again(tmp_path):
-    """No images yet: the drained run fails. Images committed: `phase run` runs it again."""
+    """No images yet: the drained run fails, and so would its retry. Images committed: both are
+    stale (data/raw, a prepare dep, changed), the queued retry leaves DVC's queue, and `phase
+    run` runs the experiment again."""
     project = make_project(
         tmp_path / "project", TINY | {"data.source": "folder", "data.root": "data/raw"}
     )
@@ -194,24 +198,31 @@ def test_failed_run_is_fixed_and_run_again(tmp_path):
     assert re.search(r"p1-1-lc2 +failed  log: hpc/logs/phase1_1-local\d+-p1-1-lc2.log", status)
     kept = aeselect(project, "queue", "1.1", "--no-retry").stdout
     assert "p1-1-lc2: already failed; not queued again" in kept
+    retried = aeselect(project, "queue", "1.1").stdout
+    assert "p1-1-lc2_2: queued (again: p1-1-lc2 failed)" in retried
+    status = aeselect(project, "status", "1.1").stdout
+    assert re.search(r"p1-1-lc2 +failed, superseded by p1-1-lc2_2  log: ", status), status
 
     rng = np.random.default_rng(0)
     for i in range(10):
         pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(project / "data" / "raw" / f"img{i}.png")
+    failed_on = git(project, "rev-parse", "--short=7", "HEAD").strip()
     git(project, "add", "data/raw")
     git(project, "commit", "-q", "-m", "add images")
 
-    rerun = aeselect(project, "run", "1.1")
-    assert "p1-1-lc2_2: queued (again: p1-1-lc2 failed)" in rerun.stdout
-    assert "p1-1-lc2_2: success" in rerun.stdout
+    rerun = aeselect(project, "run", "1.1").stdout
+    assert f"p1-1-lc2_2: removed from DVC's queue (stale: queued on {failed_on})" in rerun
+    assert f"p1-1-lc2_3: queued (p1-1-lc2_2 is stale: it ran on {failed_on})" in rerun
+    assert "p1-1-lc2_3: success" in rerun
     # A drainer's claim record on the same name that is older than the run never overrides it.
-    claim = {"name": "p1-1-lc2_2", "overrides": {}, "status": "failed", "log": "x.log"}
+    claim = {"name": "p1-1-lc2_3", "overrides": {}, "status": "failed", "log": "x.log"}
     claim |= {"claimed_at": "2000-01-01T00:00:00"}
     (project / DRAIN_DIR).mkdir(parents=True, exist_ok=True)
-    (project / DRAIN_DIR / "p1-1-lc2_2.json").write_text(json.dumps(claim))
+    (project / DRAIN_DIR / "p1-1-lc2_3.json").write_text(json.dumps(claim))
     status = aeselect(project, "status", "1.1").stdout
-    assert re.search(r"p1-1-lc2 +failed, superseded by p1-1-lc2_2", status), status
-    assert re.search(r"p1-1-lc2_2 +success\n", status), status
+    stale = rf"p1-1-lc2 +stale \(ran on {failed_on}\): data/raw changed since the run\n"
+    assert re.search(stale, status), status
+    assert re.search(r"p1-1-lc2_3 +success\n", status), status
     aeselect(project, "promote", "1.1")
-    assert decision(project, "1.1")["winner"] == "p1-1-lc2_2"
+    assert decision(project, "1.1")["winner"] == "p1-1-lc2_3"

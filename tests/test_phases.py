@@ -417,7 +417,7 @@ def test_two_phases_chain_through_queue_run_compare_promote(project):
     status = aeselect(project, "status", "1.2", check=False)
     assert status.returncode == 1
     failed_line = next(line for line in status.stdout.splitlines() if "p1-2-broken" in line)
-    assert "failed" in failed_line and "log: .dvc/tmp/exps/run/" in failed_line
+    assert "failed" in failed_line and "log: hpc/logs/phase1_2-local" in failed_line
     log = project / failed_line.split("log: ")[1].strip()
     assert "data/raw/images does not exist" in log.read_text()
 

@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("prepare", "stage: build the data manifest and the prepared array cache"),
         ("train", "stage: train the autoencoder, log with dvclive, write checkpoints"),
         ("evaluate", "stage: evaluate the best checkpoint on the val split"),
+        ("probe", "stage: how hard the exported latent is to diffuse (probe.loss)"),
         ("check", "validate params.yaml and print the derived latent shape"),
     ]:
         sub = commands.add_parser(name, help=help_text)

@@ -214,6 +214,44 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ProbeConfig:
+    """The diffusability probe (aeselect.probe): one small denoiser, the same for every candidate,
+    trained on its train-split latents and scored on its val latents (README, "The probe")."""
+
+    architecture: Literal["conv-resnet"] = "conv-resnet"  # named so a record says what ran
+    width: int = 32
+    blocks: int = 3
+    schedule: Literal["cosine"] = "cosine"  # alpha-bar(t) of Nichol & Dhariwal 2021
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 2e-3
+    noise_levels: int = 10  # the scoring grid: t = (k + 0.5) / noise_levels
+    sample_images: int = 8
+    sample_steps: int = 20  # DDIM steps per decoded sample
+    seed: int = 0  # init, training draws, scoring noise and samples
+
+    def validate(self) -> None:
+        for key in ("width", "blocks", "batch_size", "noise_levels", "sample_images"):
+            value = getattr(self, key)
+            _check(value >= 1, f"probe.{key}", f"must be >= 1, got {value}")
+        _check(
+            self.width % 8 == 0,
+            "probe.width",
+            f"must be a multiple of 8 (GroupNorm groups), got {self.width}",
+        )
+        _check(
+            self.steps >= 0,
+            "probe.steps",
+            f"must be >= 0 (0 = the Gaussian baseline), got {self.steps}",
+        )
+        _check(self.lr > 0, "probe.lr", f"must be > 0, got {self.lr}")
+        _check(
+            self.sample_steps >= 1, "probe.sample_steps", f"must be >= 1, got {self.sample_steps}"
+        )
+        _check(self.seed >= 0, "probe.seed", f"must be >= 0, got {self.seed}")
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -221,6 +259,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     @property
     def latent_size(self) -> int:
@@ -231,10 +270,16 @@ class Config:
         """Latent (H, W, C) for one image at `data.image_size`."""
         return (self.latent_size, self.latent_size, self.model.latent_channels)
 
+    @property
+    def compression_ratio(self) -> float:
+        """Image elements per latent element, as evaluate measures it on the real latents."""
+        h, w, c = self.latent_shape
+        return 3 * self.data.image_size**2 / (h * w * c)
+
     def validate(self) -> Config:
         """Per-field ranges, then the cross-section rules; returns self so loading can chain."""
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
-        for section in (self.data, self.model, self.loss, self.train, self.evaluate):
+        for section in (self.data, self.model, self.loss, self.train, self.evaluate, self.probe):
             section.validate()
         steps, size = self.model.downsampling_steps, self.data.image_size
         _check(
@@ -259,6 +304,13 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def trained_dict(self) -> dict[str, Any]:
+        """The sections train and evaluate run on: every one but `probe`, which only the probe
+        stage after them reads. A checkpoint records these, a resume key hashes them."""
+        sections = {"data": self.data, "model": self.model, "loss": self.loss}
+        sections |= {"train": self.train, "evaluate": self.evaluate}
+        return {"seed": self.seed} | {k: dataclasses.asdict(v) for k, v in sections.items()}
 
     def flat(self) -> dict[str, Any]:
         """`{"model.latent_channels": 4, ...}`: the dotted keys that `dvc exp run -S` uses."""

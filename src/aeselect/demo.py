@@ -16,11 +16,11 @@ from pathlib import Path
 
 import yaml
 
+from aeselect.cluster.drain import drain
 from aeselect.phases.promote import promote, read_decision, require_decided
 from aeselect.phases.report import compare, display_table
 from aeselect.sweep.experiments import git, queue_phase
-from aeselect.sweep.run import wait_for_phase
-from aeselect.sweep.spec import DECISIONS_DIR, PhaseSpec, all_phases
+from aeselect.sweep.spec import DECISIONS_DIR, PhaseError, PhaseSpec, all_phases
 
 SCRATCH = Path("build/phase1-demo")
 # Chosen by measurement (README, "The demo's numbers"): with the block-PCA shortcut every sweep
@@ -99,7 +99,9 @@ def run_phase(repo: Path, spec: PhaseSpec, jobs: int, sweep_steps: int) -> float
     require_decided(spec, repo)
     sets_steps = any("train.max_steps" in p for p in spec.experiments.values())
     extra = {} if sets_steps else sweep_schedule(sweep_steps)
-    wait_for_phase(repo, queue_phase(repo, spec, extra), jobs)
+    queue_phase(repo, spec, extra)
+    if drain(repo, spec, jobs) != 0:
+        raise PhaseError(f"phase {spec.id}: an experiment failed; its log is under hpc/logs/")
     comparison = compare(repo, spec, extra)
     table = comparison.ranking.table
     print(display_table(spec, table).to_string(index=False))

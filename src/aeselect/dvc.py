@@ -1,18 +1,20 @@
-"""DVC, driven through its command line: the one place that spawns `dvc` processes, and that
-reads what an experiment recorded (`dvc.api`).
+"""DVC: the one place that spawns `dvc` processes, reads what an experiment recorded
+(`dvc.api`), and calls DVC's own `Repo` where a command has no JSON output (`dvc queue
+status`), needs a workspace (hashing a commit's stage deps) or costs a process start on every
+phase command (`dvc exp show`): each such function makes the calls the command makes.
 
-The CLI (not `dvc.repo.Repo`) is the interface users type and DVC keeps stable; every call runs
-with analytics off and returns its output or raises with DVC's own message.
+Commands run with analytics off and return their output or raise with DVC's own message.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -67,27 +69,29 @@ class QueuedTask(NamedTuple):
     status: str  # Queued | Running | Success | Failed
 
 
-class QueueStatus(NamedTuple):
-    tasks: list[QueuedTask]  # as DVC lists them, oldest first
-    active_workers: int
+@contextmanager
+def open_repo(cwd: Path | str, rev: str | None = None) -> Iterator[Any]:
+    """DVC's own `Repo` of `cwd` (at commit `rev`: its Git objects, no checkout) for what the
+    CLI gives no JSON of, needs a workspace for, or would take a process start to read."""
+    from dvc.repo import Repo
+
+    with Repo(str(cwd), rev=rev) as repo:
+        yield repo
 
 
-WORKER_STATUS = re.compile(r"^Worker status: (\d+) active", re.MULTILINE)
+def queue_tasks(cwd: Path | str) -> list[QueuedTask]:
+    """DVC's queue as `dvc queue status` lists it (running, queued, failed, done), read by the
+    call that command makes; its table has no JSON form."""
+    with open_repo(cwd) as repo:
+        listed = repo.experiments.celery_queue.status()
+    return [QueuedTask(e["rev"][:7], e.get("name") or "", e["status"]) for e in listed]
 
 
-def queue_status(cwd: Path | str) -> QueueStatus:
-    """`dvc queue status`, parsed: it prints a table (task, name, created, status) and a worker
-    line, and has no JSON output."""
-    out = run_dvc(["queue", "status"], cwd=cwd).stdout
-    workers = WORKER_STATUS.search(out)
-    if workers is None:
-        raise DvcError(f"`dvc queue status` printed no worker line in {cwd}:\n{out.strip()}")
-    tasks = []
-    for line in out.splitlines()[1:]:  # the first line is the header (or "No experiment tasks")
-        fields = line.split()
-        if len(fields) >= 3 and not line.startswith("Worker status"):
-            tasks.append(QueuedTask(fields[0], fields[1], fields[-1]))
-    return QueueStatus(tasks, int(workers.group(1)))
+def active_workers(cwd: Path | str) -> int:
+    """How many of DVC's queue workers are running a task (`dvc queue status`'s worker line)."""
+    with open_repo(cwd) as repo:
+        workers = repo.experiments.celery_queue.worker_status()
+    return len([name for name, tasks in workers.items() if tasks])
 
 
 def read_output(repo: Path, path: str, rev: str) -> bytes:
@@ -106,24 +110,88 @@ def read_output_dir(repo: Path, directory: str, rev: str) -> dict[str, bytes]:
     return {path: fs.read_bytes(path) for path in fs.find(directory)}
 
 
-def start_queue_workers(jobs: int, cwd: Path | str, env: dict[str, str] | None = None) -> None:
-    """`dvc queue start -j N`, its daemonized workers detached from our pipes.
+def experiment_baselines(repo: Path) -> set[str]:
+    """The commits DVC's experiments derive from: each experiment ref's
+    (`refs/exps/<baseline>/<name>`) and each queued, running or failed task's. `dvc exp show -A`
+    finds the same by walking every commit; this reads a few refs and the queue."""
+    from dvc.repo.experiments.utils import exp_refs
 
-    A worker inherits the stdout of the process that starts it; a captured pipe would keep
-    this call waiting until the whole queue is drained.
+    with open_repo(repo) as dvc_repo:
+        experiments = dvc_repo.experiments
+        celery = experiments.celery_queue
+        tasks = [*celery.iter_queued(), *celery.iter_active()]
+        tasks += [*experiments.tempdir_queue.iter_active()]
+        tasks += [done.entry for done in celery.iter_failed()]
+        return {ref.baseline_sha for ref in exp_refs(dvc_repo.scm)} | {
+            task.baseline_rev for task in tasks
+        }
+
+
+def exp_show(cwd: Path | str, revs: list[str]) -> list[dict[str, Any]]:
+    """What `dvc exp show --json --no-fetch --rev REV...` prints: the workspace, then each
+    commit of `revs` with the experiments derived from it; made by the calls that command
+    makes (its JSON encoder included), without the process.
+
+    Not `dvc.api.exp_show`: its flat table cuts revs to 7 characters, formats timestamps,
+    drops a failed run's error, and flattens params to text or floats.
     """
-    log = Path(cwd) / ".dvc" / "tmp" / "aeselect-queue-start.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as out:
-        result = subprocess.run(
-            [dvc_executable(), "queue", "start", "-j", str(jobs)],
-            cwd=cwd,
-            env=dvc_env(env),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    if result.returncode != 0:
-        raise DvcError(f"`dvc queue start -j {jobs}` failed (exit {result.returncode}); see {log}")
+    from dvc.commands.experiments.show import _format_json
+
+    with open_repo(cwd) as repo:
+        shown = repo.experiments.show(revs=revs, fetch_running=False)
+        return json.loads(json.dumps([exp.dumpd() for exp in shown], default=_format_json))
+
+
+class StageDeps(NamedTuple):
+    """A pipeline stage's file deps at a commit, split by what tells whether they changed."""
+
+    source: dict[str, str | None]  # Git-tracked dep -> md5 as dvc.lock records it; None: absent
+    # Deps that hold data DVC tracks (`dvc add`ed, or another stage's outputs inside): Git has
+    # only their .dvc files and sources, so their Git tree tells whether they changed.
+    tracked: tuple[str, ...]
+
+
+def stage_deps(repo: Path, rev: str) -> dict[str, StageDeps]:
+    """Each pipeline stage's file deps at commit `rev`, hashed by DVC from Git's objects (no
+    checkout): what `dvc status` would compare with dvc.lock in a workspace of `rev`.
+
+    A dep that is (or lies inside) another stage's output is left out: it changes only when its
+    producer's deps do. Params deps are the caller's to compare.
+    """
+    from dvc.dependency.param import ParamsDependency
+    from dvc.stage import PipelineStage
+
+    def inside(path: str, outer: str) -> bool:
+        return path == outer or path.startswith(f"{outer}/")
+
+    with open_repo(repo, rev) as dvc_repo:
+        stages = dvc_repo.index.stages
+
+        def relative(entry: Any) -> str:  # from the repo root (a .dvc file's are from its dir)
+            return dvc_repo.fs.relpath(entry.fs_path, dvc_repo.root_dir)
+
+        produced = [relative(o) for s in stages if isinstance(s, PipelineStage) for o in s.outs]
+        tracked = [relative(o) for s in stages for o in s.outs]  # also `dvc add`ed data
+        hashes: dict[str, str | None] = {}
+        found = {}
+        for stage in stages:
+            if not isinstance(stage, PipelineStage):
+                continue
+            source, held = {}, []
+            for dep in stage.deps:
+                if isinstance(dep, ParamsDependency):
+                    continue
+                path = relative(dep)  # as dvc.lock records it: dvc.yaml is at the root
+                if any(inside(path, o) for o in produced):
+                    continue
+                if any(inside(out, path) or inside(path, out) for out in tracked):
+                    held.append(path)
+                    continue
+                if path not in hashes:
+                    hashes[path] = dep.get_hash().value if dep.exists else None
+                source[path] = hashes[path]
+            found[stage.name] = StageDeps(source, tuple(held))
+    return found
 
 
 def exp_run_command(name: str, params: dict[str, Any], *, queue: bool) -> list[str]:

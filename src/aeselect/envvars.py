@@ -14,10 +14,17 @@ NPROC_ENV = "AESELECT_NPROC_PER_NODE"
 NNODES_ENV = "AESELECT_NNODES"
 RESUME_DIR_ENV = "AESELECT_RESUME_DIR"  # where preempted trainings keep their resume snapshots
 PIDFILE_ENV = "AESELECT_PIDFILE"  # set by aeselect.cluster.drain for each experiment
+# A budget-aware sweep's rungs (aeselect.training.rungs): the steps at which the training pauses
+# with its per-image val scores in RUNG_DIR_ENV and its resume snapshot, set by the drainer.
+RUNGS_ENV = "AESELECT_RUNGS"  # comma-separated steps, e.g. "50,100"
+RUNG_DIR_ENV = "AESELECT_RUNG_DIR"  # where the rung scores go: rung_<step>.csv
 GPU_LOCK_DIR_ENV = "AESELECT_GPU_LOCK_DIR"  # lock files of aeselect.gpu's GPU claims
 
 # The train stage's exit status after a preemption snapshot (EX_TEMPFAIL: try again later).
 PREEMPTED_EXIT_CODE = 75
+# ...and after pausing at a rung: not a failure (no experiment is recorded), not a preemption
+# (the drainer decides at the rung whether it resumes).
+RUNG_EXIT_CODE = 76
 
 # What `phase submit` exports to hpc/drain.sbatch (read there as shell variables).
 PHASE_ENV = "AESELECT_PHASE"  # the phase the job drains

@@ -26,11 +26,20 @@ VAL_CURVES_DIR = TRAIN_LIVE_DIR / "plots/metrics/val"  # dvclive's per-metric .t
 EVALUATE_LIVE_DIR = Path("results/evaluate")  # dvclive
 EVALUATE_METRICS = EVALUATE_LIVE_DIR / "metrics.json"
 PER_IMAGE_CSV = EVALUATE_LIVE_DIR / "per_image.csv"  # one row per val image, worst PSNR first
+PER_IMAGE_PAIRING_KEY = "path"  # its column that pairs two candidates' rows: the val image
 # dvclive's `log_image(name)` writes plots/images/<name>.
 RECONSTRUCTIONS_NAME = "reconstructions.png"
 RECONSTRUCTIONS = EVALUATE_LIVE_DIR / "plots/images" / RECONSTRUCTIONS_NAME
 LATENT_CHANNELS_NAME = "latent_channels.png"
 EXPORT_PATH = Path("export/autoencoder.pt")  # the Phase 2 hand-off (dvc.yaml's artifact)
 
+# probe: the diffusability probe of the exported autoencoder's latent
+PROBE_LIVE_DIR = Path("results/probe")  # dvclive
+PROBE_METRICS = PROBE_LIVE_DIR / "metrics.json"
+PROBE_PER_IMAGE_CSV = PROBE_LIVE_DIR / "per_image.csv"  # probe.loss per val image, by path
+PROBE_SAMPLES_NAME = "probe_samples.png"  # decoded samples of the probe's denoiser
+
 # cluster: the Slurm job logs and each drained experiment's log.
 HPC_LOG_DIR = Path("hpc/logs")
+# Preempted or paused trainings' resume snapshots, unless the job names a folder of its own.
+RESUME_DIR = Path(".dvc/tmp/aeselect-resume")

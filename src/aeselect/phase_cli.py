@@ -10,7 +10,6 @@ from pathlib import Path
 
 from aeselect.config import apply_overrides, from_dict, parse_assignment
 from aeselect.sweep.experiments import dirty_paths, load_phase_runs, queue_phase, recorded_sweep
-from aeselect.sweep.run import wait_for_phase
 from aeselect.sweep.spec import PhaseError, PhaseSpec, all_phases, load_phase
 
 
@@ -71,14 +70,39 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    runs = queue(args)
+    """Queue, then drain with the drainer a SLURM job runs (aeselect.cluster.drain): one executor
+    for both, with its claims, exit codes, resume and budget rungs."""
+    from aeselect.cluster.drain import ANOTHER_DRAINER_EXIT_CODE, drain
+    from aeselect.cluster.rungs import unprune
+
+    queue(args)
     if args.dry_run:
         return 0
-    states = wait_for_phase(_repo(args), runs, args.jobs)
-    failed = {n: s for n, s in states.items() if s != "Success"}
-    for name, status in failed.items():
-        print(f"{name}: {status.lower()}", file=sys.stderr)
-    return 1 if failed else 0
+    repo, spec = _repo(args), _spec(args)
+    unprune(repo, spec, args.unprune)
+    if drain(repo, spec, args.jobs) == ANOTHER_DRAINER_EXIT_CODE:
+        return ANOTHER_DRAINER_EXIT_CODE
+    return print_outcome(repo, spec)
+
+
+def print_outcome(repo: Path, spec: PhaseSpec) -> int:
+    """Each run that speaks for the phase and how it ended; 1 while one has not succeeded (a
+    run pruned at a budget rung has ended: it counts as done)."""
+    view = load_phase_runs(repo, spec, recorded_sweep(repo, spec))
+    unfinished = []
+    for phase_run in spec.runs():
+        run = view.current(phase_run)
+        status = run.status.lower() if run else "missing"
+        note = f" {run.task.note}" if run and run.task and run.task.note else ""
+        print(f"{run.name if run else phase_run.name}: {status}{note}")
+        if status not in ("success", "pruned", "excluded"):
+            unfinished.append(run.name if run else phase_run.name)
+    if unfinished:
+        _note(
+            f"phase {spec.id}: not done: {', '.join(unfinished)}; see `aeselect phase status "
+            f"{spec.id}` for their logs, and `aeselect phase run {spec.id}` runs them again"
+        )
+    return 1 if unfinished else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -98,9 +122,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{phase_run.name:28s} missing")
         for run in view.of(phase_run):
             if not run.fresh:
-                print(f"{run.name:28s} stale (ran on {run.ran_on})")
+                print(f"{run.name:28s} stale (ran on {run.ran_on}): {run.stale_why}")
                 continue
             line = f"{run.name:28s} {run.status.lower()}"
+            if run.task is not None and run.task.note:
+                line += f" {run.task.note}"
             if run is not current:
                 line += f", superseded by {current.name}"
             elif run.status in ("Failed", "Stuck"):
@@ -130,7 +156,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(display_table(spec, table).to_string(index=False))
     if ranking:
         print(
-            f"\nverdict: {ranking.verdict} ({ranking.winner}: {VERDICTS[ranking.verdict]})"
+            f"\nverdict: {ranking.verdict} ({ranking.winner or 'no winner'}: "
+            f"{VERDICTS[ranking.verdict]})"
             f"\nwhy: {ranking.reason}"
         )
     print(f"\nreport: {(result.report_dir / 'report.md').relative_to(repo)}")
@@ -171,7 +198,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_drain(args: argparse.Namespace) -> int:
     from aeselect.cluster.drain import drain
+    from aeselect.cluster.rungs import unprune
 
+    unprune(_repo(args), _spec(args), args.unprune)
     return drain(_repo(args), _spec(args), args.jobs, args.plan, args.profile)
 
 
@@ -226,6 +255,16 @@ def add_command(
     return parser
 
 
+def add_unprune_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--unprune",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="train a run pruned at a budget rung to the end, from its rung snapshot",
+    )
+
+
 def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
     """`queue` and `run`: the phase's experiments into DVC's queue, and for `run` through it."""
     queue_parser = add_command(
@@ -235,6 +274,7 @@ def add_sweep_commands(sub: argparse._SubParsersAction) -> None:
     for parser in (queue_parser, run):
         add_queue_options(parser, dry_run_help="print the dvc commands only")
     run.add_argument("-j", "--jobs", type=int, default=1, help="parallel experiments")
+    add_unprune_option(run)
 
 
 def add_result_commands(sub: argparse._SubParsersAction) -> None:
@@ -270,6 +310,7 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     drain.add_argument("-j", "--jobs", type=int, default=1, help="parallel experiments (GPUs)")
     drain.add_argument("--plan", help="a job's share of a plan shared between jobs (submit)")
     drain.add_argument("--profile", help="with --plan: the profile whose share this job drains")
+    add_unprune_option(drain)
     submit = add_command(
         sub, "submit", cmd_submit, "queue the phase and sbatch its drainer on a cluster"
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 from aeselect.config import PARAMS_FILE, Config, ConfigError, load_config
 from aeselect.paths import INPUT_DIR
 
-STAGES = ("prepare", "train", "evaluate")
+STAGES = ("prepare", "train", "evaluate", "probe")
 
 
 def open_live(directory: Path, resume: bool = False):
@@ -53,15 +53,17 @@ def run_train(cfg: Config) -> None:
     """One training process: the only one, or one rank under torchrun (see
     aeselect.training.distributed), where rank 0 alone touches the outputs and the snapshot."""
     from aeselect.data.dataset import PreparedData
-    from aeselect.envvars import PREEMPTED_EXIT_CODE
+    from aeselect.envvars import PREEMPTED_EXIT_CODE, RUNG_EXIT_CODE
     from aeselect.paths import MODELS_DIR, PREPARED_DIR, TRAIN_LIVE_DIR
     from aeselect.training import distributed, resume
     from aeselect.training.loop import train
+    from aeselect.training.rungs import PausedAtRung, rung_plan
 
     rank = distributed.this_rank()
     distributed.pin_cpu_rank(rank)
     data = PreparedData.load(PREPARED_DIR)
     snapshot = resume.snapshot_dir(cfg, PREPARED_DIR)
+    rungs = rung_plan(cfg, snapshot)
     with distributed.process_group(rank):
         if rank.is_main:
             state = resume.restore_snapshot(snapshot, [MODELS_DIR, TRAIN_LIVE_DIR])
@@ -71,12 +73,18 @@ def run_train(cfg: Config) -> None:
         try:
             with live as main_live:
                 result = train(
-                    cfg, data, MODELS_DIR, main_live, resume_state=state, snapshot=snapshot
+                    cfg,
+                    data,
+                    MODELS_DIR,
+                    main_live,
+                    resume_state=state,
+                    snapshot=snapshot,
+                    rungs=rungs,
                 )
         except resume.Preempted as stopped:
             if rank.is_main:
                 print(f"[train] {stopped}", file=sys.stderr)
-            sys.exit(PREEMPTED_EXIT_CODE)
+            sys.exit(RUNG_EXIT_CODE if isinstance(stopped, PausedAtRung) else PREEMPTED_EXIT_CODE)
     if rank.is_main:
         resume.discard_snapshot(snapshot)
         print(f"[train] {json.dumps(result.__dict__)}", file=sys.stderr)
@@ -95,6 +103,18 @@ def run_evaluate(cfg: Config) -> None:
     export_autoencoder(BEST_CHECKPOINT, summary["latent"]["scale_factor"], EXPORT_PATH)
     headline = {key: summary[key] for key in ("mse", "psnr", "psnr_pooled", "ssim", "edge_f1")}
     print(f"[evaluate] latent {summary['latent']['shape']} {json.dumps(headline)}", file=sys.stderr)
+
+
+def run_probe(cfg: Config) -> None:
+    from aeselect.data.dataset import PreparedData
+    from aeselect.handoff import load_autoencoder
+    from aeselect.paths import EXPORT_PATH, PREPARED_DIR, PROBE_LIVE_DIR
+    from aeselect.probe.diffusability import run_probe as probe
+
+    data = PreparedData.load(PREPARED_DIR)
+    with open_live(PROBE_LIVE_DIR) as live:
+        summary = probe(cfg.probe, data, load_autoencoder(EXPORT_PATH), live)
+    print(f"[probe] {json.dumps(summary)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

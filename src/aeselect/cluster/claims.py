@@ -30,7 +30,8 @@ class Claim:
 
     name: str
     overrides: dict[str, Any]
-    status: str = "claimed"  # claimed | running | success | failed | interrupted
+    # claimed | running | success | failed | interrupted | paused | pruned | excluded
+    status: str = "claimed"
     log: str = ""
     jobs: list[str] = field(default_factory=list)
     returncode: int | None = None
@@ -44,6 +45,12 @@ class Claim:
     job: str = ""
     node: str = ""
     pushed: bool = False
+    # With a phase `budget:` (aeselect.cluster.rungs): rungs reached, where it was pruned, and
+    # whether `--unprune` let it go on to the end.
+    rung: int = 0
+    pruned_at: int | None = None
+    unpruned: bool = False
+    excluded: str = ""  # the requirement its params fail: left out before it trained
 
     def path(self, repo: Path) -> Path:
         return repo / DRAIN_DIR / f"{self.name}.json"

@@ -11,8 +11,12 @@ Every claimed experiment ends Success, Failed (with its log) or Interrupted; an 
 (the job was signalled; its training left a resume snapshot) runs again when the job is
 requeued, so each queued experiment completes exactly once.
 
-Exit codes: 0 all of the phase succeeded, 1 some failed, 75 stopped by SIGUSR1/SIGTERM (requeue
-me), 3 another drainer holds this repository.
+With a phase `budget:`, the drainer also coordinates the rungs (aeselect.cluster.rungs): a run
+that pauses at a rung frees its slot, a rung is judged once every live run has paused there, and
+the survivors resume; a pruned run ends there and counts as done.
+
+Exit codes: 0 all of the phase succeeded (or was pruned), 1 some failed, 75 stopped by
+SIGUSR1/SIGTERM (requeue me), 3 another drainer holds this repository.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from aeselect.cluster.claims import Claim, claim_queued, read_claims
+from aeselect.cluster.rungs import RungBook
 from aeselect.cluster.share import UNFINISHED, Plan, SharedClaims, job_identity, read_plan
 from aeselect.dvc import DvcError, exp_push, set_default_remote, start_exp_run
 from aeselect.envvars import (
@@ -39,6 +44,7 @@ from aeselect.envvars import (
     THREADS_ENV,
 )
 from aeselect.paths import HPC_LOG_DIR as LOG_DIR
+from aeselect.phases.decide import requirement_failures
 from aeselect.sweep.experiments import DRAIN_DIR
 from aeselect.sweep.spec import PhaseSpec
 
@@ -141,6 +147,8 @@ class Drainer:
         self.gpus_of: dict[str, list[str]] = {}
         self.claims: dict[str, Claim] = {}
         self.todo: list[Claim] = []
+        self.rungs = RungBook(repo, spec, spec.budget) if spec.budget else None
+        self.paused: list[str] = []  # this drain's runs waiting at a rung (or runnable again)
         # ... and, in a job of several nodes (a profile's `nodes`), the GPUs of every node.
         nodes = os.environ.get("SLURM_NNODES", "1")
         self.nodes = int(nodes) if len(spec.names()) == 1 and nodes.isdigit() else 1
@@ -173,6 +181,8 @@ class Drainer:
             extra |= {"CUDA_VISIBLE_DEVICES": ",".join(gpus), NPROC_ENV: str(len(gpus))}
         if self.nodes > 1:
             extra[NNODES_ENV] = str(self.nodes)
+        if self.rungs is not None:
+            extra |= self.rungs.prepare(claim)
         with log.open("a") as out:
             self.running[claim.name] = start_exp_run(
                 claim.name,
@@ -193,7 +203,10 @@ class Drainer:
     def finish(self, claim: Claim, returncode: int) -> None:
         self.free_gpus += self.gpus_of.pop(claim.name, [])
         claim.returncode = returncode
-        if returncode == 0:
+        if returncode != 0 and self.rungs is not None and self.rungs.reached_rung(claim):
+            claim.status, claim.rung = "paused", claim.rung + 1
+            self.paused.append(claim.name)
+        elif returncode == 0:
             claim.status = "success"
         elif self.stop_signal is not None:
             claim.status = "interrupted"
@@ -206,19 +219,50 @@ class Drainer:
         """Take the phase's fresh tasks out of DVC's queue: what this drainer runs."""
         self.claims = read_claims(self.repo, self.spec)
         fresh = claim_queued(self.repo, self.spec, self.claims)
-        self.todo = [
-            c
-            for c in self.claims.values()
-            if c.status in UNFINISHED and c.name in fresh and not c.plan
-        ]
+        mine = [c for c in self.claims.values() if c.name in fresh and not c.plan]
+        self.todo = [c for c in mine if c.status in UNFINISHED and not self.excluded(c)]
+        self.paused = [c.name for c in mine if c.status == "paused"]
+
+    def excluded(self, claim: Claim) -> bool:
+        """With a budget, a run whose params alone fail a requirement (the latent size) is left
+        out before it trains: its claim ends `excluded`, saying why."""
+        if self.rungs is None:
+            return False
+        failures = requirement_failures(self.spec.decide, claim.params)
+        if not failures:
+            return False
+        claim.status, claim.excluded = "excluded", "; ".join(why for why, _ in failures)
+        claim.save(self.repo)
+        print(f"[drain] {claim.name}: excluded, untrained: {claim.excluded}", file=sys.stderr)
+        return True
 
     def take_next(self) -> Claim | None:
-        """The next experiment to start, None when there is none left for this drainer."""
-        return self.todo.pop(0) if self.todo else None
+        """The next experiment to start: one not started yet, else one whose rung is judged and
+        that goes on; None when there is none for now."""
+        if self.todo:
+            return self.todo.pop(0)
+        for name in self.paused:
+            if self.rungs is not None and self.rungs.runnable(self.claims[name]):
+                self.paused.remove(name)
+                return self.claims[name]
+        return None
+
+    def judge_rung(self) -> bool:
+        """Judge the rung every live run has paused at, if there is one; True if judged."""
+        runs = [self.claims[c.name] for c in self.todo] + [self.claims[n] for n in self.paused]
+        runs += [self.claims[n] for n in self.running]
+        standings = self.rungs.judge_ready(runs) if self.rungs is not None else []
+        for standing in standings:
+            verdict = "pruned" if standing.pruned else "goes on"
+            print(f"[drain] rung: {standing.describe()}: {verdict}", file=sys.stderr)
+        self.paused = [n for n in self.paused if self.claims[n].status == "paused"]
+        return bool(standings)
 
     def run(self) -> int:
         self.collect()
-        more = True  # work is only ever taken, never given back: once none, none for good
+        # Work is only ever taken, never given back: once none, none until a run pauses at a
+        # rung or a rung is judged (its survivors may resume then).
+        more = True
         while more or self.running:
             while more and len(self.running) < self.jobs and self.stop_signal is None:
                 claim = self.take_next()
@@ -230,6 +274,9 @@ class Drainer:
                 if process.poll() is not None:
                     del self.running[name]
                     self.finish(self.claims[name], process.returncode)
+                    more = more or self.claims[name].status == "paused"
+            if self.stop_signal is None and self.judge_rung():
+                more = True  # its survivors may resume
             if self.stop_signal is not None and not self.running:
                 break
             time.sleep(POLL_SECONDS)
@@ -238,6 +285,9 @@ class Drainer:
         return self.report()
 
     def report(self) -> int:
+        for claim in self.claims.values():
+            if claim.status == "pruned" and claim.jobs and claim.jobs[-1] == self.job_id:
+                print(f"[drain] {claim.name}: pruned at step {claim.pruned_at}", file=sys.stderr)
         failed = [c for c in self.claims.values() if c.status == "failed"]
         for claim in failed:
             print(f"[drain] FAILED {claim.name}: see {claim.log}", file=sys.stderr)

@@ -33,12 +33,12 @@ from aeselect.envvars import (
     WORKDIR_ENV,
 )
 from aeselect.paths import HPC_LOG_DIR as LOG_DIR
+from aeselect.paths import RESUME_DIR
 from aeselect.sweep.spec import PHASE_ID, PhaseError, PhaseSpec
 
 CLUSTERS_FILE = Path("hpc/clusters.yaml")
 SCRIPT_FILE = Path("hpc/drain.sbatch")
 SETUP_MARKER = "# aeselect:setup\n"
-DEFAULT_RESUME_DIR = Path(".dvc/tmp/aeselect-resume")
 
 # What reaches sbatch's option parser and the job's shell: sbatch splits --export at commas and
 # expands % in --output, so paths and names keep to plain characters.
@@ -184,7 +184,7 @@ def _expand(path: str) -> str:
 
 def resume_dir(repo: Path, profile: Profile) -> Path:
     if profile.resume_dir is None:
-        return repo / DEFAULT_RESUME_DIR
+        return repo / RESUME_DIR
     return repo / _expand(profile.resume_dir)
 
 
@@ -334,6 +334,13 @@ def submit_shared(
     from aeselect.cluster.home import abandon_plan, make_plan, preview_plan, remotes
 
     repo = repo.resolve()
+    if spec.budget is not None:
+        raise PhaseError(
+            f"{spec.path}: budget: rungs are judged by the one drainer that holds every run of "
+            "the phase, and a plan shared between clusters splits the runs between jobs that "
+            "cannot see each other's rung scores. Submit to one cluster (`--cluster NAME`), or "
+            "drop `budget:` to share the phase"
+        )
     profiles = load_profiles(repo, clusters)
     for profile in profiles:
         check_fits(spec, profile)

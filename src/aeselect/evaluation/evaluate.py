@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import pandas as pd
 import torch
 from dvclive import Live
 
@@ -32,17 +31,8 @@ from aeselect.paths import (
 from aeselect.runtime import Runtime, select_runtime
 from aeselect.scoring import metrics
 from aeselect.scoring.images import latent_channel_grid, reconstruction_grid
+from aeselect.scoring.per_image import PER_IMAGE_METRICS, score_batch, write_per_image
 from aeselect.scoring.validation import ValBatch, val_batches
-
-# The per-image columns of PER_IMAGE_CSV: (original, clamped reconstruction) -> (N,).
-PER_IMAGE_METRICS = {
-    "mse": metrics.per_image_mse,
-    "mae": metrics.per_image_mae,
-    "psnr": metrics.per_image_psnr,
-    "ssim": metrics.per_image_ssim,
-    "edge_f1": metrics.edge_f1,
-    "hf_psnr": metrics.high_frequency_psnr,
-}
 
 
 class ValScores(NamedTuple):
@@ -89,7 +79,7 @@ def _evaluate(
     summary["gates"] = _gates(summary, cfg.evaluate)
     _log_nested(live, summary)
     _log_pictures(live, scores.first, cfg.evaluate.num_sample_images)
-    _write_per_image(data, scores.columns)
+    write_per_image(data, scores.columns, PER_IMAGE_CSV)
     return summary
 
 
@@ -103,8 +93,8 @@ def score_val_set(
     aux = metrics.AuxScore(data.aux_classes, data.aux_task, runtime.device)
     first: ValBatch | None = None
     for batch in val_batches(model, data, batch_size, runtime):
-        for name, metric in PER_IMAGE_METRICS.items():
-            columns[name].append(metric(batch.images, batch.reconstruction))
+        for name, values in score_batch(batch.images, batch.reconstruction).items():
+            columns[name].append(values)
         aux.update(batch.out.aux_logits, batch.targets)
         if batch.out.posterior is not None:
             kld.append(batch.out.posterior.kl())
@@ -185,15 +175,6 @@ def _log_pictures(live: Live, batch: ValBatch, count: int) -> None:
     originals, reconstructions = batch.images[:count], batch.reconstruction[:count]
     live.log_image(RECONSTRUCTIONS_NAME, reconstruction_grid(originals, reconstructions))
     live.log_image(LATENT_CHANNELS_NAME, latent_channel_grid(batch.out.latent[0]))
-
-
-def _write_per_image(data: PreparedData, columns: dict[str, torch.Tensor]) -> None:
-    """PER_IMAGE_CSV: one row per val image, worst PSNR first, keyed by its path."""
-    table = pd.DataFrame(
-        {"path": data.manifest.set_index("index").loc[data.split_indices("val"), "path"]}
-    )
-    table = table.reset_index(drop=True).assign(**{k: v.numpy() for k, v in columns.items()})
-    table.sort_values("psnr").to_csv(PER_IMAGE_CSV, index=False)
 
 
 def _log_nested(live: Live, values: dict[str, Any], prefix: str = "") -> None:

@@ -1,24 +1,28 @@
-"""The decision rule: best primary metric; candidates within the noise or a tolerance of it are
-tied, and ties are broken by secondary criteria."""
+"""The decision rule: candidates that fail a requirement are excluded; of the others, the best
+primary metric; candidates within the noise or a tolerance of it are tied, and ties are broken by
+secondary criteria."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
+from aeselect.config import apply_overrides, from_dict
 from aeselect.phases.noise import paired_bootstrap
-from aeselect.sweep.spec import Criterion, DecisionRule, PhaseError
+from aeselect.sweep.spec import PARAMS_METRICS, Criterion, DecisionRule, PhaseError
 
 
 @dataclass(frozen=True)
 class Ranking:
     # Successful experiments, winner first, with `rank`, `tied`, `vs_best` and the difference from
-    # the best in the primary metric: `delta` with its 95% interval `delta_low`..`delta_high`.
+    # the best in the primary metric: `delta` with its 95% interval `delta_low`..`delta_high`;
+    # then the excluded ones (`excluded`: the requirement each fails, or where it was pruned).
     table: pd.DataFrame
-    winner: str
+    winner: str  # "" when every candidate is excluded
     reason: str
     verdict: str  # one of VERDICTS
     best: str  # the best by the primary metric alone
@@ -28,7 +32,9 @@ VERDICTS = {
     "clear": "better than every other candidate by more than the noise and the tolerance",
     "tie-break": "tied with the best within the noise or the tolerance; the tie-breakers picked it",
     "single": "the only successful experiment: nothing to compare",
+    "excluded": "every candidate fails a requirement: nothing may be promoted but by --pick",
 }
+LEFT_EARLY = ("Pruned", "Excluded")  # budget-aware sweeps: pruned at a rung, or never trained
 NO_INTERVAL = "no per-image values were given, so no interval exists"
 
 
@@ -53,6 +59,42 @@ def _sort_value(value, direction: str) -> float:
     return number if direction == "min" else -number
 
 
+def row_params(row: pd.Series) -> dict[str, Any]:
+    """A results row's params (its `params.*` columns), as plain values."""
+    return {
+        name.removeprefix("params."): value.item() if hasattr(value, "item") else value
+        for name, value in row.items()
+        if str(name).startswith("params.") and not pd.isna(value)
+    }
+
+
+def requirement_failures(
+    rule: DecisionRule, params: Mapping[str, Any], metrics: Mapping[str, Any] | None = None
+) -> list[tuple[str, float]]:
+    """Each failed requirement of a candidate in words (`latent.compression_ratio 12 fails
+    latent.compression_ratio >= 24 (gate latent_size)`), with its relative shortfall. The bounds
+    are its own params'. Without `metrics`, only the bounds its params decide (PARAMS_METRICS):
+    such a candidate need not train at all."""
+    cfg = from_dict(apply_overrides({}, params))
+    failures = []
+    for requirement in rule.requirements:
+        for bound in requirement.bounds(cfg):
+            if bound.metric in PARAMS_METRICS:
+                value = float(PARAMS_METRICS[bound.metric](cfg))
+            elif metrics is None:
+                continue
+            else:
+                value = float(metrics.get(bound.metric, math.nan))
+            if bound.holds(value):
+                continue
+            shortfall = abs(value - bound.limit) / (abs(bound.limit) or 1.0)
+            why = f"{bound.metric} {value:.4g} fails {bound}"
+            if requirement.gate:
+                why += f" (gate {requirement.gate})"
+            failures.append((why, math.inf if math.isnan(shortfall) else shortfall))
+    return failures
+
+
 def rank(
     results: pd.DataFrame,
     rule: DecisionRule,
@@ -61,10 +103,13 @@ def rank(
 ) -> Ranking:
     """Order the successful experiments by the rule and say why the first one wins.
 
-    A candidate is tied with the best when its difference is within the tolerance or, given
-    `per_image` (the primary metric per val image, columns (experiment, seed) or one column per
-    experiment), when the paired bootstrap's 95% interval of the difference contains zero: then
-    it is noise, not a ranking.
+    A candidate that fails a requirement is excluded: it is listed last, with what it fails,
+    and can neither win nor tie; so is one that left a budget-aware sweep early (`left` says
+    where: pruned at a rung, or excluded by its params before training). Of
+    the others, a candidate is tied with the best when its difference is within the tolerance
+    or, given `per_image` (the primary metric per val image, columns (experiment, seed) or one
+    column per experiment), when the paired bootstrap's 95% interval of the difference contains
+    zero: then it is noise, not a ranking.
     """
     done = results[results["state"] == "Success"].copy()
     primary = column(rule.primary)
@@ -73,6 +118,16 @@ def rank(
     for criterion in (rule.primary, *rule.tie_breakers):
         if column(criterion) not in done.columns:
             raise PhaseError(f"decide: no experiment reports {column(criterion)!r}")
+    failures = {i: requirement_failures(rule, row_params(row), row) for i, row in done.iterrows()}
+    done["excluded"] = [("; ".join(w for w, _ in failures[i])) for i in done.index]
+    done["shortfall"] = [max((s for _, s in failures[i]), default=0.0) for i in done.index]
+    pruned = results[results["state"].isin(LEFT_EARLY)].copy()  # out before the end
+    if len(pruned):
+        pruned["excluded"] = pruned.get("left", pd.Series("", index=pruned.index))
+    if (done["excluded"] != "").all():
+        return _all_excluded(done, pruned, rule)
+    excluded = done[done["excluded"] != ""]
+    done = done[done["excluded"] == ""]
     values = done[primary].astype(float)
     best_index = values.idxmin() if rule.primary.direction == "min" else values.idxmax()
     best, best_name = values[best_index], str(done.loc[best_index, "experiment"])
@@ -92,7 +147,57 @@ def rank(
     table = _ordered(done, rule)
     verdict = "single" if len(table) == 1 else "clear" if table["tied"].sum() == 1 else "tie-break"
     reason = _reason(table, rule, verdict, best_name, "" if per_image is not None else no_interval)
+    if len(excluded) or len(pruned):
+        reason += ". Excluded: " + "; ".join(
+            f"{row['experiment']} ({row['excluded']})"
+            for frame in (excluded, pruned)
+            for _, row in frame.iterrows()
+        )
+        table = _with_excluded(table, excluded, pruned, best, per_image, best_name, primary)
     return Ranking(table, str(table.loc[0, "experiment"]), reason, verdict, best_name)
+
+
+def _with_excluded(
+    table: pd.DataFrame,
+    excluded: pd.DataFrame,
+    pruned: pd.DataFrame,
+    best: float,
+    per_image: pd.DataFrame | None,
+    best_name: str,
+    primary: str,
+) -> pd.DataFrame:
+    """The excluded candidates after the ranked ones, never tied, with their difference from the
+    ranked best (and its interval, given per-image values); then the pruned ones."""
+    frame = excluded.assign(tied=False, vs_best="excluded", delta_low=math.nan, delta_high=math.nan)
+    frame["delta"] = frame[primary].astype(float) - best
+    for index, name in frame["experiment"].items():
+        if per_image is not None and name in per_image:
+            d = paired_bootstrap(per_image[best_name], per_image[name])
+            frame.loc[index, ["delta", "delta_low", "delta_high"]] = (d.value, d.low, d.high)
+    out = pd.concat(
+        [table.drop(columns="rank"), frame, pruned.assign(tied=False, vs_best="pruned")],
+        ignore_index=True,
+    )
+    out.insert(0, "rank", range(1, len(out) + 1))
+    return out
+
+
+def _all_excluded(done: pd.DataFrame, pruned: pd.DataFrame, rule: DecisionRule) -> Ranking:
+    """Every successful candidate fails a requirement: no winner; the closest (the smallest
+    relative shortfall) is named, for a `--pick` to consider."""
+    table = done.sort_values("shortfall", kind="stable").assign(tied=False, vs_best="excluded")
+    table = pd.concat([table, pruned.assign(tied=False, vs_best="pruned")], ignore_index=True)
+    table.insert(0, "rank", range(1, len(table) + 1))
+    for name in ("delta", "delta_low", "delta_high"):
+        table[name] = math.nan
+    closest = table.iloc[0]
+    requirements = ", ".join(r.describe() for r in rule.requirements)
+    reason = (
+        f"every candidate fails a requirement ({requirements}); the closest is "
+        f"{closest['experiment']}: {closest['excluded']}. "
+        + "; ".join(f"{r['experiment']}: {r['excluded']}" for _, r in table.iloc[1:].iterrows())
+    )
+    return Ranking(table, "", reason.rstrip(". "), "excluded", "")
 
 
 def _bootstrap_differences(

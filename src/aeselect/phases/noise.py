@@ -20,15 +20,26 @@ import pandas as pd
 
 from aeselect.dvc import read_output
 from aeselect.paths import PER_IMAGE_CSV
+from aeselect.paths import PER_IMAGE_PAIRING_KEY as PAIRING_KEY
+from aeselect.phases.rung_book import pruned_standings
 from aeselect.sweep.experiments import collect_results
 from aeselect.sweep.spec import PhaseSpec
 
 PER_IMAGE_FILE = PER_IMAGE_CSV.as_posix()
-PAIRING_KEY = "path"
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
-RUN_COLUMNS = ("experiment", "key", "repeat", "state", "rev", "baseline", "timestamp", "stale_on")
+RUN_COLUMNS = (
+    "experiment",
+    "key",
+    "repeat",
+    "state",
+    "rev",
+    "baseline",
+    "timestamp",
+    "stale_on",
+    "note",
+)
 
 
 @dataclass(frozen=True)
@@ -159,12 +170,31 @@ def primary_per_image(
     return table, ""
 
 
+def _why_left(repo: Path, spec: PhaseSpec, experiments: pd.DataFrame) -> list[str]:
+    """Why a budget-aware sweep's candidate ended before training to the end: pruned at a rung
+    (on the evidence of the rung book), or excluded by its params before it trained."""
+    pruned = pruned_standings(repo, spec)
+    metric = spec.decide.primary.key
+    reasons = []
+    for _, row in experiments.iterrows():
+        key, state = row["key"], row["state"]
+        if state == "Pruned" and key in pruned:
+            standing = pruned[key]
+            reasons.append(f"pruned at step {standing.step}: {metric} {standing.evidence()}")
+        elif state == "Excluded":
+            reasons.append(str(row.get("note", "")))
+        else:
+            reasons.append("")
+    return reasons
+
+
 def gather(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> PhaseResults:
     """The phase's fresh runs from DVC (`collect_results`: on today's baseline and the sweep's
     --set), averaged per experiment, with per-image values if they exist."""
     primary = spec.decide.primary
     runs = collect_results(repo, spec, sweep)
     experiments = mean_over_seeds(runs, spec, primary.key)
+    experiments["left"] = _why_left(repo, spec, experiments)
     if primary.source == "param":
         return PhaseResults(
             runs, experiments, None, f"{primary.key} is a param, so no interval exists"

@@ -17,7 +17,7 @@ from ruamel.yaml import YAML
 from aeselect.config import PARAMS_FILE, EvaluateConfig, apply_overrides, from_dict, read_yaml
 from aeselect.evaluation.gates import gate_bounds
 from aeselect.paths import EXPORT_PATH
-from aeselect.phases.decide import Ranking, column, rank
+from aeselect.phases.decide import LEFT_EARLY, Ranking, column, rank
 from aeselect.phases.noise import (
     BOOTSTRAP_SEED,
     CONFIDENCE,
@@ -108,7 +108,7 @@ def _listing(results: pd.DataFrame) -> dict[str, str]:
     """Each run (`collect_results` rows) that has no successful fresh attempt, with what it has
     instead."""
     listing = {}
-    for _, row in results[results["state"] != "Success"].iterrows():
+    for _, row in results[~results["state"].isin(("Success", *LEFT_EARLY))].iterrows():
         state = row["state"].lower()
         if row["state"] == "Stale":
             state = f"stale: ran on {row['stale_on']}"
@@ -174,6 +174,11 @@ def promote(
             "stale or failed), or choose with --pick NAME --why '...'"
         )
     ranking = rank(phase.experiments, spec.decide, phase.per_image, phase.no_interval)
+    if not ranking.winner and pick is None:
+        raise PhaseError(
+            f"phase {spec.id}: no candidate may be promoted: {ranking.reason}. Change the "
+            "candidates or the requirement, or choose with --pick NAME --why '...' (recorded)"
+        )
     winner, override = ranking.winner, None
     if pick is not None:
         winner, override = _override(spec, phase, ranking, pick, why)
@@ -223,10 +228,12 @@ def _override(
     row = _picked(spec, phase, pick)
     if not why:
         raise PhaseError("--pick needs --why '...': the decision file records the reason")
+    ranked = ranking.table.set_index("experiment").loc[row["experiment"]]
     return row["experiment"], {
         "picked": row["experiment"],
-        "rule_winner": ranking.winner,
+        "rule_winner": ranking.winner or None,
         "why": why,
+        "fails_requirements": _plain(ranked.get("excluded")) or None,
     }
 
 
@@ -260,6 +267,7 @@ def _rule(spec: PhaseSpec) -> dict[str, Any]:
         "direction": spec.decide.primary.direction,
         "tolerance": spec.decide.tolerance,
         "tie_breakers": [c.describe() for c in spec.decide.tie_breakers],
+        "requirements": [r.describe() for r in spec.decide.requirements],
     }
 
 
@@ -289,6 +297,7 @@ def _candidates(spec: PhaseSpec, runs: pd.DataFrame, ranking: Ranking) -> list[d
             "experiment_rev": _plain(r["rev"]),
             "baseline_commit": _plain(r["baseline"]),
             "params": {k: _plain(r.get(f"params.{k}")) for k in spec.selects},
+            "excluded": _plain(r.get("excluded")) or None,
         }
         | _versus_best(r)
         | _summary(r, spec)

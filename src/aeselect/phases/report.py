@@ -164,11 +164,12 @@ def compare(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Comparison:
     if spec.repeats > 1:
         phase.runs.to_csv(report_dir / "runs.csv", index=False)
     if ranking is not None:
-        curves = val_curves(repo, ranking.table)
+        trained = ranking.table[ranking.table["state"] == "Success"]  # not the pruned
+        curves = val_curves(repo, trained)
         curves.to_csv(report_dir / "val_curves.csv", index=False)
-        charts(ranking.table, curves, report_dir)
-        size = int(ranking.table["params.data.image_size"].iloc[0])
-        grid = side_by_side(repo, ranking.table, size)
+        charts(trained, curves, report_dir)
+        size = int(trained["params.data.image_size"].iloc[0])
+        grid = side_by_side(repo, trained, size)
         if grid is not None:
             grid.save(report_dir / "reconstructions.png")
             detail_zoom(grid, size).save(report_dir / "zoom.png")
@@ -185,7 +186,7 @@ def display_table(spec: PhaseSpec, table: pd.DataFrame) -> pd.DataFrame:
         **({DIFFERENCE: table.apply(describe_difference, axis=1)} if "delta" in table else {})
     )
     wanted = ["rank", "experiment", "state"] + [f"params.{k}" for k in spec.selects]
-    wanted += [primary, seed_spread_column(primary), DIFFERENCE, "vs_best"]
+    wanted += [primary, seed_spread_column(primary), DIFFERENCE, "vs_best", "excluded"]
     wanted += [column(c) for c in spec.decide.tie_breakers] + HEADLINE
     return shown[[c for c in dict.fromkeys(wanted) if c in shown.columns]]
 
@@ -259,7 +260,14 @@ def _ranking_section(spec: PhaseSpec, shown: pd.DataFrame) -> list[str]:
         f"# Phase {spec.id}: {spec.title}",
         "",
         f"Selects: {', '.join(f'`{k}`' for k in spec.selects) or 'nothing (final training)'}. "
-        f"Rule: {rule.primary.describe()}, ties within the noise or {rule.tolerance:.0%}"
+        + (
+            "Requirements (a candidate failing one is excluded): "
+            + ", ".join(r.describe() for r in rule.requirements)
+            + ". "
+            if rule.requirements
+            else ""
+        )
+        + f"Rule: {rule.primary.describe()}, ties within the noise or {rule.tolerance:.0%}"
         + (f", then {breakers}" if rule.tie_breakers else "")
         + ".",
         "",
@@ -274,7 +282,7 @@ def _verdict_section(spec: PhaseSpec, phase: PhaseResults, ranking: Ranking) -> 
     return [
         f"## Verdict: {ranking.verdict}",
         "",
-        f"{ranking.winner}: {VERDICTS[ranking.verdict]}.",
+        f"{ranking.winner or 'No winner'}: {VERDICTS[ranking.verdict]}.",
         "",
         ranking.reason + ".",
         "",

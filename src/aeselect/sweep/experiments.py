@@ -3,7 +3,8 @@
 A phase run (`spec.runs()`: an experiment, or with `repeats` an experiment under one training
 seed) may have several attempts (`p1-1-lc8`, `p1-1-lc8_2`, ...). An attempt counts only
 while it is *fresh*: the params it recorded equal params.yaml at HEAD plus its experiment's set
-plus the sweep's --set, and its `src/` and `dvc.yaml` are HEAD's. Every other run is stale.
+plus the sweep's --set, and every stage's definition and deps are HEAD's (`sweep.freshness`).
+Every other run is stale.
 
 Facts designed around (dvc 3.67.1): `dvc queue status` has no JSON; `dvc exp show` lists a failed
 experiment with an error and no metrics; concurrent `dvc exp run --queue` calls fail now and then
@@ -16,7 +17,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -26,53 +26,38 @@ from typing import Any
 import pandas as pd
 
 from aeselect.config import PARAMS_FILE, ConfigError, apply_overrides, flatten, from_dict
-from aeselect.dvc import DvcError, exp_run_command, queue_status, run_dvc
-from aeselect.paths import EVALUATE_METRICS, TRAIN_METRICS
+from aeselect.dvc import DvcError, exp_run_command, experiment_baselines, queue_tasks, run_dvc
+from aeselect.dvc import exp_show as dvc_exp_show
+from aeselect.paths import EVALUATE_METRICS, PROBE_METRICS, TRAIN_METRICS
+from aeselect.sweep.freshness import stale_deps
+from aeselect.sweep.git import git
 from aeselect.sweep.spec import PhaseError, PhaseRun, PhaseSpec
 
 RUN_DIR = Path(".dvc/tmp/exps/run")
 DRAIN_DIR = Path(".dvc/tmp/aeselect-drain")  # the drainer's claims (aeselect.cluster.claims)
 SWEEPS_DIR = Path(".dvc/tmp/aeselect-sweeps")  # each phase's sweep --set, written by queue
-# A run counts for a phase only if these trees equal HEAD's (with its params: `load_phase_runs`).
-CODE_PATHS = ("src", "dvc.yaml")
 # p1-1-lc8_2 is lc8's second run; experiment keys never contain "_" (spec.EXPERIMENT_KEY).
 ATTEMPT_SEPARATOR = "_"
 RUN_NAME = re.compile(r"^p[0-9]+-[0-9]+-[a-z0-9][a-z0-9-]*(_[0-9]+)?$")
-METRICS_FILES = (EVALUATE_METRICS.as_posix(), TRAIN_METRICS.as_posix())
+METRICS_FILES = tuple(p.as_posix() for p in (EVALUATE_METRICS, TRAIN_METRICS, PROBE_METRICS))
 # Paths whose uncommitted edits a queued experiment would silently snapshot.
 SNAPSHOT_PATHS = ("params.yaml", "dvc.yaml", "src")
 LOCK_RETRIES = 5
-TERMINAL = ("Success", "Failed")
 
 
 @dataclass(frozen=True)
 class TaskState:
     name: str
     task: str  # DVC's short task id
-    status: str  # Queued | Running | Success | Failed | Stuck | Missing
+    status: str  # Queued | Running | Success | Failed | Stuck | Missing | Paused | Pruned
     log: str = ""  # set for drained tasks; DVC's queue keeps its logs by task id
+    note: str = ""  # a budget rung's word on a drained task: "at step 50" for a pruned one
 
     def log_path(self, repo: Path) -> Path | None:
         if self.log:
             return repo / self.log
         matches = sorted((repo / RUN_DIR).glob(f"{self.task}*/{self.task}*.out"))
         return matches[0] if matches else None
-
-
-def git(
-    repo: Path,
-    *args: str,
-    input: str | None = None,
-    check: bool = True,
-    env: dict[str, str] | None = None,
-) -> str:
-    """`git ARGS` in `repo`, its stdout; a failure (with `check`) is a PhaseError with git's."""
-    result = subprocess.run(
-        ["git", *args], cwd=repo, text=True, capture_output=True, input=input, env=env
-    )
-    if check and result.returncode != 0:
-        raise PhaseError(f"`git {' '.join(args)}` failed in {repo}: {result.stderr.strip()}")
-    return result.stdout
 
 
 def dirty_paths(repo: Path, paths: tuple[str, ...] = SNAPSHOT_PATHS) -> list[str]:
@@ -96,7 +81,7 @@ def experiment_params(spec: PhaseSpec, run: PhaseRun, extra: dict[str, Any]) -> 
 def queue_states(repo: Path) -> dict[str, TaskState]:
     """Name -> state of the tasks in DVC's queue, Running tasks whose process is gone as Stuck."""
     states: dict[str, TaskState] = {}
-    for task, name, status in queue_status(repo).tasks:
+    for task, name, status in queue_tasks(repo):
         if status == "Running" and not _task_alive(repo, task):
             status = "Stuck"
         states.setdefault(name, TaskState(name, task, status))
@@ -113,7 +98,13 @@ def claim_records(repo: Path) -> dict[str, dict[str, Any]]:
 
 def claim_state(record: dict[str, Any]) -> TaskState:
     status = {"claimed": "Queued", "interrupted": "Queued"}.get(record["status"])
-    return TaskState(record["name"], "", status or record["status"].capitalize(), record["log"])
+    note = {
+        "pruned": f"at step {record.get('pruned_at')}",
+        "paused": f"at its rung {record.get('rung')}",
+        "excluded": f"untrained: {record.get('excluded')}",
+    }.get(record["status"], "")
+    capitalized = record["status"].capitalize()
+    return TaskState(record["name"], "", status or capitalized, record["log"], note)
 
 
 def task_states(repo: Path) -> dict[str, TaskState]:
@@ -169,25 +160,13 @@ def canonical_params(tree: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
 
-def code_trees(repo: Path, rev: str) -> tuple[str, ...] | None:
-    """Git tree ids of the code and pipeline (CODE_PATHS) at `rev`; None if it lacks one."""
-    result = subprocess.run(
-        ["git", "rev-parse", *(f"{rev}:{path}" for path in CODE_PATHS)],
-        cwd=repo,
-        text=True,
-        capture_output=True,
-    )
-    return tuple(result.stdout.split()) if result.returncode == 0 else None
-
-
 @dataclass(frozen=True)
 class Baseline:
-    """What a run must have recorded to count for a phase today: HEAD's params.yaml, HEAD's
-    code and pipeline, and the sweep's --set."""
+    """What a run must have recorded to count for a phase today: HEAD's params.yaml with the
+    sweep's --set, and HEAD's pipeline (its commit)."""
 
     commit: str
     params: dict[str, Any]  # params.yaml at HEAD, nested, as DVC parsed it
-    code: tuple[str, ...] | None
     sweep: dict[str, Any]
 
     def expected(self, spec: PhaseSpec, run: PhaseRun) -> dict[str, Any]:
@@ -210,14 +189,15 @@ class Run:
     key: str
     repeat: int  # the PhaseRun's training seed index (0 without `repeats`)
     attempt: int  # 1 for p1-1-lc8, 2 for p1-1-lc8_2, ...
-    status: str  # Queued | Running | Success | Failed | Stuck
+    status: str  # Queued | Running | Success | Failed | Stuck | Paused | Pruned
     task: TaskState | None  # DVC's queue entry or the drainer's claim, if either knows it
     rev: str | None = None
     baseline: str | None = None  # the commit it was queued on
     timestamp: str = ""
     params: dict[str, Any] | None = None  # canonical recorded params
     metrics: dict[str, Any] = field(default_factory=dict)
-    fresh: bool = False  # its params and code match today's baseline
+    fresh: bool = False  # its params and pipeline match today's baseline
+    stale_why: str = ""  # what differs from today's baseline, when it is not fresh
 
     @property
     def ran_on(self) -> str:
@@ -300,7 +280,7 @@ def _metrics(data: dict[str, Any]) -> dict[str, Any]:
 
 def load_phase_runs(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> PhaseRuns:
     """The phase's runs, each marked fresh when its recorded params equal what the phase asks
-    for today and its `src/` and `dvc.yaml` trees equal HEAD's."""
+    for today and, stage by stage, its pipeline's definition and deps are HEAD's."""
     shown = exp_show(repo)
     baseline = head_baseline(repo, shown, sweep)
     expected = {(run.key, run.repeat): baseline.expected(spec, run) for run in spec.runs()}
@@ -308,35 +288,60 @@ def load_phase_runs(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Phase
     claims = claim_records(repo)
     queued = queue_states(repo)
     taken = frozenset(records.keys() | claims.keys() | queued.keys())
-    trees: dict[str, tuple[str, ...] | None] = {baseline.commit: baseline.code}
-    runs: list[Run] = []
+    known = []
     for name in sorted(taken):
         parsed = parse_run_name(spec, name)
         if parsed is None:
             continue  # another phase's
         run = _known_run(name, parsed, records.get(name), claims.get(name), queued)
-        if run is None:
-            continue  # only DVC's queue history remembers it: its experiment was removed
-        code_rev = run.rev or run.baseline
-        if code_rev and code_rev not in trees:
-            trees[code_rev] = code_trees(repo, code_rev)
-        fresh = (
-            run.params is not None
-            and run.params == expected[run.key, run.repeat]
-            and code_rev is not None
-            and trees[code_rev] == baseline.code
-        )
-        runs.append(replace(run, fresh=fresh))
+        if run is not None:  # else only DVC's queue history remembers it: its experiment is gone
+            known.append(run)
+    # A finished run's deps are in the dvc.lock of its experiment commit; any other run's are
+    # its baseline's (`dvc exp run --queue` snapshots the clean workspace of that commit).
+    commits = dict(_pipeline_commit(run) for run in known)
+    changed = stale_deps(repo, baseline.commit, {c: lock for c, lock in commits.items() if c})
+    runs = []
+    for run in known:
+        commit, _ = _pipeline_commit(run)
+        why = _stale_why(run, expected[run.key, run.repeat], changed.get(commit or ""))
+        runs.append(replace(run, fresh=not why, stale_why=why))
     return PhaseRuns(spec, baseline, runs, taken)
 
 
+def _pipeline_commit(run: Run) -> tuple[str | None, bool]:
+    """The commit whose pipeline `run` ran (or will run), and whether DVC wrote its dvc.lock
+    for the run: a finished run's experiment commit, else the commit it was queued on."""
+    if run.status == "Success" and run.rev:
+        return run.rev, True
+    return run.baseline, False
+
+
+def _stale_why(run: Run, expected: dict[str, Any], changed: list[str] | None) -> str:
+    """Why `run` does not count today ("" when it does): its params, else its pipeline."""
+    if run.params is None:
+        return "its params are invalid today"
+    differ = sorted(
+        k for k in expected.keys() | run.params.keys() if expected.get(k) != run.params.get(k)
+    )
+    if differ:
+        return f"{_listed(differ)} differ from today's params"
+    if changed is None:
+        return "the commit it ran on is unknown"
+    return f"{_listed(changed)} changed since the run" if changed else ""
+
+
+def _listed(items: list[str], most: int = 3) -> str:
+    shown = ", ".join(items[:most])
+    return f"{shown} and {len(items) - most} more" if len(items) > most else shown
+
+
 def head_baseline(repo: Path, shown: list[dict[str, Any]], sweep: dict[str, Any]) -> Baseline:
-    """HEAD's params (as `dvc exp show` parsed them) and code trees, with the sweep's --set."""
+    """HEAD's params (as `dvc exp show` parsed them), with the sweep's --set."""
     head = git(repo, "rev-parse", "HEAD").strip()
     head_entry = next((b for b in shown if b.get("rev") == head), None)
     if head_entry is None:
-        raise PhaseError(f"`dvc exp show -A` does not list HEAD ({head[:7]}) in {repo}")
-    return Baseline(head, _params_tree(head_entry.get("data") or {}), code_trees(repo, head), sweep)
+        raise PhaseError(f"`dvc exp show --rev HEAD` does not list HEAD ({head[:7]}) in {repo}")
+    return Baseline(head, _params_tree(head_entry.get("data") or {}), sweep)
 
 
 def shown_runs(spec: PhaseSpec, shown: list[dict[str, Any]]) -> dict[str, Run]:
@@ -454,13 +459,11 @@ def _run_with_lock_retry(repo: Path, args: list[str]) -> None:
 
 
 def exp_show(repo: Path) -> list[dict[str, Any]]:
-    """Every experiment of every commit (`-A`: promoted phases drop out of a plain exp show).
-
-    Not `dvc.api.exp_show`: it has no `-A`, and its flat table cuts revs to 7 characters,
-    formats timestamps, drops a failed run's error, and flattens params to text or floats.
-    """
-    out = run_dvc(["exp", "show", "--json", "-A", "--no-fetch"], cwd=repo).stdout
-    return json.loads(out)
+    """`dvc exp show --json` of HEAD and of every commit an experiment derives from, as
+    `dvc exp show -A` lists them (promoted phases drop out of a plain exp show), without walking
+    the whole history: a phase command takes the same time at 10 or 10,000 commits."""
+    head = git(repo, "rev-parse", "HEAD").strip()
+    return dvc_exp_show(repo, [head, *sorted(experiment_baselines(repo) - {head})])
 
 
 def collect_results(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> pd.DataFrame:
@@ -489,6 +492,7 @@ def collect_results(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> pd.Da
                 "rev": run.rev,
                 "baseline": run.baseline,
                 "timestamp": run.timestamp,
+                "note": run.task.note if run.task is not None else "",
             }
             row |= {f"params.{k}": v for k, v in (run.params or {}).items()}
             if run.status == "Success":

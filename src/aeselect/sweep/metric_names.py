@@ -1,5 +1,5 @@
 """The metrics a phase may rank by: the keys the train and evaluate stages write to their
-`metrics.json`, dotted as `compare` flattens them (`cost.params`, `val.mse`).
+`metrics.json` (and the probe stage), dotted as `compare` flattens them (`cost.params`, `val.mse`).
 
 Phase files are checked against these names when they load, so a misspelt metric fails before any
 run instead of after all of them. The lists live here, with their one reader, rather than in the
@@ -73,7 +73,15 @@ EVALUATE_METRICS = (
     "gates.pass_stability",
     "gates.pass_all",
 )
-STAGE_METRICS = tuple(dict.fromkeys(EVALUATE_METRICS + TRAIN_METRICS))
+PROBE_METRICS = (
+    "probe.loss",  # per val image too (results/probe/per_image.csv)
+    "probe.loss_se",
+    "probe.train_loss",
+    "probe.time_s",
+    "latent.hf_energy",
+    "image.hf_energy",
+)
+STAGE_METRICS = tuple(dict.fromkeys(EVALUATE_METRICS + TRAIN_METRICS + PROBE_METRICS))
 
 
 def matches(name: str, key: str) -> bool:

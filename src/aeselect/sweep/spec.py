@@ -6,6 +6,7 @@ file and the key.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aeselect.config import (
+    Config,
     ConfigError,
     apply_overrides,
     from_dict,
@@ -20,6 +22,7 @@ from aeselect.config import (
     unknown_key,
     valid_keys,
 )
+from aeselect.evaluation.gates import Bound, gate_bounds
 from aeselect.sweep.metric_names import STAGE_METRICS, is_stage_metric
 
 PHASES_DIR = Path("phases")
@@ -33,9 +36,12 @@ REPEAT_SEED_KEY = "train.seed"
 # The keys a phase file must hold; those it may hold (the optional `repeats` only); those of
 # `decide:` and of one criterion.
 REQUIRED_PHASE_KEYS = ("id", "title", "requires", "selects", "experiments", "decide")
-PHASE_KEYS = (*REQUIRED_PHASE_KEYS, "repeats")
-DECIDE_KEYS = ("metric", "direction", "tolerance", "tie_breakers")
+PHASE_KEYS = (*REQUIRED_PHASE_KEYS, "repeats", "budget")
+BUDGET_KEYS = ("rungs", "prune")
+DECIDE_KEYS = ("metric", "direction", "tolerance", "tie_breakers", "requirements")
 CRITERION_KEYS = ("metric", "param", "direction")
+REQUIREMENT_KEYS = ("metric", "min", "max", "gate")
+TEXT_METRICS = ("latent.shape", "device")  # the stage metrics that are not numbers: no bound
 
 
 class PhaseError(ValueError):
@@ -56,10 +62,56 @@ class Criterion:
 
 
 @dataclass(frozen=True)
+class Requirement:
+    """A bound every candidate must meet to be ranked at all: a metric's `min` or `max`, or an
+    evaluate gate, whose bounds are the candidate's own params (`evaluate.*` of params.yaml)."""
+
+    metric: str = ""
+    kind: str = ""  # "min" (value >= limit) or "max" (value <= limit), with `metric`
+    limit: float = 0.0
+    gate: str = ""
+
+    def bounds(self, cfg: Config) -> tuple[Bound, ...]:
+        if self.gate:
+            return gate_bounds(cfg.evaluate)[self.gate]
+        return (Bound(self.metric, self.kind, self.limit),)
+
+    def describe(self) -> str:
+        return f"gate {self.gate}" if self.gate else f"{self.metric} {self.kind} {self.limit:g}"
+
+
+# Metrics a candidate's params alone determine: a requirement on them is decided before training.
+PARAMS_METRICS = {"latent.compression_ratio": lambda cfg: cfg.compression_ratio}
+
+
+@dataclass(frozen=True)
 class DecisionRule:
     primary: Criterion
     tolerance: float
     tie_breakers: tuple[Criterion, ...]
+    requirements: tuple[Requirement, ...] = ()
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Rungs where a sweep's trainings pause so that clear losers can be pruned (phases.prune)."""
+
+    rungs: tuple[float, ...]  # fractions of train.max_steps, increasing, in (0, 1)
+    prune: bool  # False: pause and score at the rungs, prune nothing (a dry run of the rule)
+    where: str = field(default="budget", compare=False)  # `<phase file>: budget`, for errors
+
+    def steps(self, max_steps: int, log_every: int) -> tuple[int, ...]:
+        """Each rung as a training step: the fraction of `max_steps`, rounded to a log boundary
+        (a training pauses only there); refused when two rungs or a rung and the end collapse."""
+        steps = tuple(round(f * max_steps / log_every) * log_every for f in self.rungs)
+        if steps[0] <= 0 or steps[-1] >= max_steps or len(set(steps)) != len(steps):
+            raise PhaseError(
+                f"{self.where}.rungs: {list(self.rungs)} of train.max_steps={max_steps} at "
+                f"train.log_every={log_every} give steps {list(steps)}; rungs need distinct "
+                f"steps strictly between 0 and {max_steps}: space the fractions at least "
+                f"{log_every / max_steps:.3g} apart and away from 0 and 1"
+            )
+        return steps
 
 
 @dataclass(frozen=True)
@@ -82,6 +134,7 @@ class PhaseSpec:
     decide: DecisionRule
     path: Path = field(compare=False)
     repeats: int = 1  # training seeds per experiment (REPEAT_SEED_KEY = 0 .. repeats - 1)
+    budget: Budget | None = None  # rungs for pruning clear losers early; None: train all fully
 
     @property
     def slug(self) -> str:
@@ -144,6 +197,34 @@ def _criterion(raw: Any, where: str) -> Criterion:
     return Criterion(key, direction, source)
 
 
+def _requirement(raw: Any, where: str) -> Requirement:
+    example = "{metric: latent.compression_ratio, min: 24} or {gate: latent_size}"
+    if not isinstance(raw, dict):
+        raise PhaseError(f"{where}: expected a mapping like {example}")
+    _check_keys(raw, REQUIREMENT_KEYS, where)
+    if "gate" in raw:
+        gates = list(gate_bounds(from_dict({}).evaluate))
+        if set(raw) != {"gate"}:
+            raise PhaseError(f"{where}: a gate takes its bounds from params.yaml; give only gate:")
+        if raw["gate"] not in gates:
+            known = unknown_key(str(raw["gate"]), gates, what="gate")
+            raise PhaseError(f"{where}.gate: {known}")
+        return Requirement(gate=str(raw["gate"]))
+    kinds = [k for k in ("min", "max") if k in raw]
+    if "metric" not in raw or len(kinds) != 1:
+        raise PhaseError(f"{where}: give a metric with exactly one of min: or max:, e.g. {example}")
+    metric, kind = str(raw["metric"]), kinds[0]
+    if not is_stage_metric(metric):
+        known = unknown_key(metric, list(STAGE_METRICS), what="metric of the train/evaluate stages")
+        raise PhaseError(f"{where}.metric: {known}")
+    if metric in TEXT_METRICS:
+        raise PhaseError(f"{where}.metric: {metric} is text, not a number, so it has no bound")
+    limit = raw[kind]
+    if isinstance(limit, bool) or not isinstance(limit, int | float) or math.isnan(limit):
+        raise PhaseError(f"{where}.{kind}: must be a number, got {limit!r}")
+    return Requirement(metric=metric, kind=kind, limit=float(limit))
+
+
 def _decision_rule(raw: Any, path: Path) -> DecisionRule:
     where = f"{path}: decide"
     if not isinstance(raw, dict):
@@ -160,7 +241,13 @@ def _decision_rule(raw: Any, path: Path) -> DecisionRule:
     tie_breakers = raw.get("tie_breakers") or []
     if not isinstance(tie_breakers, list):
         raise PhaseError(f"{where}.tie_breakers: expected a list of {{metric|param, direction}}")
+    requirements = raw.get("requirements") or []
+    if not isinstance(requirements, list):
+        raise PhaseError(f"{where}.requirements: expected a list of {{metric, min|max}}, {{gate}}")
     return DecisionRule(
+        requirements=tuple(
+            _requirement(item, f"{where}.requirements[{i}]") for i, item in enumerate(requirements)
+        ),
         primary=_criterion({"metric": raw.get("metric"), "direction": raw.get("direction")}, where),
         tolerance=float(tolerance),
         tie_breakers=tuple(
@@ -207,6 +294,7 @@ def load_phase(phase_id: str, phases_dir: Path = PHASES_DIR) -> PhaseSpec:
         decide=_decision_rule(raw["decide"], path),
         path=path,
         repeats=repeats,
+        budget=_budget(raw.get("budget"), path),
     )
 
 
@@ -237,6 +325,29 @@ def _repeats(raw: Any, path: Path) -> int:
             f"got {raw!r}"
         )
     return raw
+
+
+def _budget(raw: Any, path: Path) -> Budget | None:
+    """`budget: {rungs: [0.25, 0.5], prune: true}`; absent or null: no rungs."""
+    where = f"{path}: budget"
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise PhaseError(f"{where}: expected a mapping like {{rungs: [0.25, 0.5], prune: true}}")
+    _check_keys(raw, BUDGET_KEYS, where)
+    rungs, prune = raw.get("rungs"), raw.get("prune", True)
+    if not isinstance(rungs, list) or not rungs:
+        raise PhaseError(f"{where}.rungs: expected a non-empty list of fractions, got {rungs!r}")
+    for rung in rungs:
+        if isinstance(rung, bool) or not isinstance(rung, int | float) or not 0 < rung < 1:
+            raise PhaseError(
+                f"{where}.rungs: {rung!r} is not a fraction of train.max_steps in (0, 1)"
+            )
+    if rungs != sorted(set(rungs)):
+        raise PhaseError(f"{where}.rungs: fractions must increase, got {rungs}")
+    if not isinstance(prune, bool):
+        raise PhaseError(f"{where}.prune: must be true or false, got {prune!r}")
+    return Budget(tuple(float(r) for r in rungs), prune, where)
 
 
 def _selects(raw: Any, path: Path) -> tuple[str, ...]:

@@ -49,7 +49,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
 from aeselect.config import Config, ConfigError
-from aeselect.envvars import NNODES_ENV, NPROC_ENV, PREEMPTED_EXIT_CODE, THREADS_ENV
+from aeselect.envvars import (
+    NNODES_ENV,
+    NPROC_ENV,
+    PREEMPTED_EXIT_CODE,
+    RUNG_EXIT_CODE,
+    THREADS_ENV,
+)
 
 # Longer than rank 0's validation + checkpoint, during which the other ranks wait in a collective
 # (at 512px a few thousand val images take minutes); a rank that dies is caught by torchrun's
@@ -181,8 +187,9 @@ def launch(cfg: Config, stage_args: list[str]) -> int:
     (and with AESELECT_NNODES > 1 on the job's other nodes too, through srun).
 
     Returns the stage's exit code: 0, PREEMPTED_EXIT_CODE when the ranks stopped on a signal
-    after rank 0 saved the snapshot, 1 when a rank failed (torchrun's report names it and its
-    error), 128+n when this launcher itself got signal n (torchrun forwards it to the ranks).
+    after rank 0 saved the snapshot (RUNG_EXIT_CODE when they paused at a budget rung), 1 when a
+    rank failed (torchrun's report names it and its error), 128+n when this launcher itself got
+    signal n (torchrun forwards it to the ranks).
     """
     from torch.distributed.run import parse_args
 
@@ -220,10 +227,11 @@ def _run(args: argparse.Namespace) -> int:
     try:
         run(args)
     except ChildFailedError as failed:
-        # A rank exits 75 only after the barrier behind rank 0's complete snapshot; torchrun
+        # A rank exits 75 (76) only after the barrier behind rank 0's complete snapshot; torchrun
         # then tears down the ranks still exiting, which it reports as failures of their own.
-        if failed.get_first_failure()[1].exitcode == PREEMPTED_EXIT_CODE:
-            return PREEMPTED_EXIT_CODE
+        exit_code = failed.get_first_failure()[1].exitcode
+        if exit_code in (PREEMPTED_EXIT_CODE, RUNG_EXIT_CODE):
+            return exit_code
         print(f"[train] a training process failed:\n{failed.format_msg()}", file=sys.stderr)
         return 1
     except SignalException as stopped:

@@ -39,6 +39,7 @@ from aeselect.scoring.validation import val_batches
 from aeselect.training import distributed
 from aeselect.training.loss import compute_loss
 from aeselect.training.resume import Preempted, Snapshot, StopRequest, TrainState, save_snapshot
+from aeselect.training.rungs import PausedAtRung, RungPlan, write_rung_scores
 
 SHORTCUT_SAMPLE = 512  # training images the block-PCA shortcut is fitted to (64px: all 256)
 
@@ -203,10 +204,11 @@ def train(
     *,
     resume_state: Snapshot | None = None,
     snapshot: Path | None = None,
+    rungs: RungPlan | None = None,
 ) -> TrainResult:
     """Train from scratch, or from the snapshot `resume_state`; with `snapshot` (its directory)
     set, SIGUSR1/SIGTERM stop the run at the next log boundary with a resume snapshot there
-    (raises Preempted).
+    (raises Preempted), and so does each step of `rungs` after its val scores (PausedAtRung).
 
     Under torchrun every rank calls this; the main rank (rank 0) alone gets `live` and writes.
     """
@@ -220,19 +222,14 @@ def train(
     state = _start_state(run, resume_state, snapshot)
     stop = StopRequest(announce=rank.is_main) if snapshot is not None else None
     loader = train_loader(cfg, data, state.step, runtime)
-    progress = tqdm(
-        total=cfg.train.max_steps,
-        initial=state.step,
-        disable=not (rank.is_main and sys.stderr.isatty()),
-    )
+    quiet = not (rank.is_main and sys.stderr.isatty())  # no progress bar in logs
+    progress = tqdm(total=cfg.train.max_steps, initial=state.step, disable=quiet)
     window: list[dict[str, torch.Tensor]] = []
-    stopping = False
+    stopping = at_rung = False
     run.model.train()
     tick = time.perf_counter()
-    for step, (raw_images, raw_targets) in enumerate(loader, start=state.step):
-        images, targets = to_model_input(
-            raw_images, raw_targets, runtime.device, runtime.channels_last
-        )
+    for step, (images, targets) in enumerate(loader, start=state.step):
+        images, targets = to_model_input(images, targets, runtime.device, runtime.channels_last)
         window.append(train_step(run, images, targets, step))
         progress.update(1)
         state.step = done = step + 1
@@ -248,13 +245,25 @@ def train(
             val = _validate_and_log(run, state)
             _save_checkpoints(run, state, val["mse"])
             tick = time.perf_counter()
-        if stopping:
+        at_rung = rungs is not None and done in rungs.steps  # every rank knows the rungs
+        if stopping or at_rung:
             state.train_seconds += time.perf_counter() - tick
             break
     progress.close()
+    if at_rung:
+        _pause_at_rung(run, state, snapshot, rungs.scores_path(state.step), rank.is_main)
     if stopping:
         _stop_with_snapshot(run, state, snapshot, stop.reason)
     return _finish(run, state)
+
+
+def _pause_at_rung(
+    run: Run, state: TrainState, snapshot: Path, scores: Path, is_main: bool
+) -> None:
+    """Score the val set per image on the rung's weights, then stop with the resume snapshot."""
+    if is_main:
+        write_rung_scores(run.forward, run.data, run.cfg, run.runtime, scores)
+    _stop_with_snapshot(run, state, snapshot, f"at rung step {state.step}", PausedAtRung)
 
 
 def _start_state(run: Run, resume_state: Snapshot | None, snapshot: Path | None) -> TrainState:
@@ -321,7 +330,7 @@ def _save_checkpoints(run: Run, state: TrainState, val_mse: float) -> None:
         "optimizer": run.optimizer.state_dict(),
         "step": state.step,
         "val_mse": val_mse,
-        "config": run.cfg.to_dict(),
+        "config": run.cfg.trained_dict(),
         "aux_task": run.data.aux_task,
         "aux_classes": run.data.aux_classes,
     }
@@ -332,15 +341,17 @@ def _save_checkpoints(run: Run, state: TrainState, val_mse: float) -> None:
     save_checkpoint(run.models_dir / LAST_CHECKPOINT.name, **checkpoint, **best)
 
 
-def _stop_with_snapshot(run: Run, state: TrainState, directory: Path, why: str) -> None:
+def _stop_with_snapshot(
+    run: Run, state: TrainState, directory: Path, why: str, raised: type[Preempted] = Preempted
+) -> None:
     """The main rank saves the resume snapshot (state, weights, optimiser, and copies of its
-    outputs) in `directory`; all ranks raise Preempted once it is complete."""
+    outputs) in `directory`; all ranks raise `raised` once it is complete."""
     if run.rank.is_main:
         run.live.make_summary()
         outputs = [run.models_dir, Path(run.live.dir)]
         save_snapshot(directory, state.snapshot(run.model, run.optimizer), outputs)
     distributed.barrier()  # the others exit only once the main rank's snapshot is complete
-    raise Preempted(f"stopped at step {state.step} {why}; resume: {directory}")
+    raise raised(f"stopped at step {state.step} {why}; resume: {directory}")
 
 
 def _finish(run: Run, state: TrainState) -> TrainResult:

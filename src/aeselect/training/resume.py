@@ -95,7 +95,7 @@ class StopRequest:
 
 
 def resume_key(cfg: Config, prepared_dir: Path) -> str:
-    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(cfg.trained_dict(), sort_keys=True).encode())
     for name in ("meta.json", "manifest.csv"):
         digest.update((prepared_dir / name).read_bytes())
     return digest.hexdigest()[:20]
