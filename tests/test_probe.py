@@ -103,6 +103,7 @@ def test_high_frequency_share_of_noise_smooth_and_constant_maps():
     [
         ("probe.width", 12, "probe.width: must be a multiple of 8"),
         ("probe.steps", -1, "probe.steps: must be >= 0"),
+        ("probe.train_images", 0, "probe.train_images: must be >= 1"),
         ("probe.schedule", "linear", "probe.schedule: must be one of ['cosine']"),
     ],
 )

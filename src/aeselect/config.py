@@ -225,13 +225,21 @@ class ProbeConfig:
     steps: int = 500
     batch_size: int = 64
     lr: float = 2e-3
+    train_images: int = 512  # train-split latents the denoiser sees (the first of the seeded split)
     noise_levels: int = 10  # the scoring grid: t = (k + 0.5) / noise_levels
     sample_images: int = 8
     sample_steps: int = 20  # DDIM steps per decoded sample
     seed: int = 0  # init, training draws, scoring noise and samples
 
     def validate(self) -> None:
-        for key in ("width", "blocks", "batch_size", "noise_levels", "sample_images"):
+        for key in (
+            "width",
+            "blocks",
+            "batch_size",
+            "train_images",
+            "noise_levels",
+            "sample_images",
+        ):
             value = getattr(self, key)
             _check(value >= 1, f"probe.{key}", f"must be >= 1, got {value}")
         _check(
