@@ -6,11 +6,13 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 from conftest import ROOT, TINY, git, make_project
+from PIL import Image
 from test_phase_runs import decision, tiny_phases
 from test_phases import VALID, aeselect, write_phase
 
 from aeselect.config import load_config
 from aeselect.phases.decide import rank, requirement_failures, row_params
+from aeselect.scoring.layout import GRID_PADDING
 from aeselect.sweep.spec import PhaseError, all_phases, load_phase
 
 GATED = VALID.replace("tie_breakers: []}", "tie_breakers: [], requirements: [{gate: latent_size}]}")
@@ -156,6 +158,22 @@ def test_on_real_runs_exclusion_refusal_and_a_recorded_override(tmp_path):
     assert lc4["excluded"] == "latent.compression_ratio 48 fails latent.compression_ratio >= 60"
     assert lc4["versus_best"] == "excluded"
     assert decided["rule"]["requirements"] == ["latent.compression_ratio min 60"]
+    # probe.loss has its paired interval from the lower of the two, in the decision and table.
+    versus = {c["experiment"]: c["probe.loss_vs_lowest"] for c in decided["candidates"]}
+    lowest = min(versus, key=lambda name: versus[name]["difference"])
+    assert versus[lowest] == {"difference": 0.0, "interval_95": [0.0, 0.0]}
+    other = versus[({"p1-1-lc2", "p1-1-lc4"} - {lowest}).pop()]
+    low, high = other["interval_95"]
+    assert low <= other["difference"] <= high and high > 0
+    compared = aeselect(project, "compare", "1.1").stdout
+    assert "probe.loss Δ vs lowest [95% CI]" in compared and "(the lowest)" in compared
+    # Both Pareto views, the excluded candidate marked; the probe's samples, one row each.
+    report = project / "phases/reports/1.1"
+    for view in ("pareto", "tradeoff"):
+        assert '"p1-1-lc4 (excluded)"' in (report / f"{view}.vl.json").read_text()
+    row = TINY["data.image_size"] + 2 * GRID_PADDING  # one make_grid row of decoded samples
+    assert Image.open(report / "probe_samples.png").height == 2 * row
+    assert "![reconstruction vs diffusability](tradeoff.png)" in (report / "report.md").read_text()
 
 
 def test_the_shipped_channel_and_resolution_sweeps_require_the_latent_size_gate():

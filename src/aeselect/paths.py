@@ -38,6 +38,7 @@ PROBE_LIVE_DIR = Path("results/probe")  # dvclive
 PROBE_METRICS = PROBE_LIVE_DIR / "metrics.json"
 PROBE_PER_IMAGE_CSV = PROBE_LIVE_DIR / "per_image.csv"  # probe.loss per val image, by path
 PROBE_SAMPLES_NAME = "probe_samples.png"  # decoded samples of the probe's denoiser
+PROBE_SAMPLES = PROBE_LIVE_DIR / "plots/images" / PROBE_SAMPLES_NAME
 
 # cluster: the Slurm job logs and each drained experiment's log.
 HPC_LOG_DIR = Path("hpc/logs")

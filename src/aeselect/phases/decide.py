@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -49,6 +49,17 @@ def describe_difference(row: pd.Series) -> str:
     if math.isnan(row["delta_low"]):
         return f"{row['delta']:+.3g} (no interval)"
     return f"{row['delta']:+.3g} [{row['delta_low']:+.3g}, {row['delta_high']:+.3g}]"
+
+
+def describe_versus_lowest(row: pd.Series, metric: str) -> str:
+    """`+0.012 [+0.004, +0.020]` from the candidate lowest in `metric`; "" where none was
+    computed (no per-image values, or a candidate that did not train)."""
+    value = row.get(f"{metric}.delta")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if value == 0 and row[f"{metric}.delta_low"] == row[f"{metric}.delta_high"] == 0:
+        return "(the lowest)"
+    return f"{value:+.3g} [{row[f'{metric}.delta_low']:+.3g}, {row[f'{metric}.delta_high']:+.3g}]"
 
 
 def _sort_value(value, direction: str) -> float:
@@ -100,6 +111,7 @@ def rank(
     rule: DecisionRule,
     per_image: pd.DataFrame | None = None,
     no_interval: str = NO_INTERVAL,
+    secondary: dict[str, pd.DataFrame] | None = None,
 ) -> Ranking:
     """Order the successful experiments by the rule and say why the first one wins.
 
@@ -109,7 +121,8 @@ def rank(
     the others, a candidate is tied with the best when its difference is within the tolerance
     or, given `per_image` (the primary metric per val image, columns (experiment, seed) or one
     column per experiment), when the paired bootstrap's 95% interval of the difference contains
-    zero: then it is noise, not a ranking.
+    zero: then it is noise, not a ranking. Each `secondary` metric (per val image, laid out
+    like `per_image`) gets its difference from its lowest candidate, with its interval.
     """
     done = results[results["state"] == "Success"].copy()
     primary = column(rule.primary)
@@ -125,7 +138,8 @@ def rank(
     if len(pruned):
         pruned["excluded"] = pruned.get("left", pd.Series("", index=pruned.index))
     if (done["excluded"] != "").all():
-        return _all_excluded(done, pruned, rule)
+        ranking = _all_excluded(done, pruned, rule)
+        return replace(ranking, table=secondary_differences(ranking.table, secondary or {}))
     excluded = done[done["excluded"] != ""]
     done = done[done["excluded"] == ""]
     values = done[primary].astype(float)
@@ -154,7 +168,29 @@ def rank(
             for _, row in frame.iterrows()
         )
         table = _with_excluded(table, excluded, pruned, best, per_image, best_name, primary)
+    table = secondary_differences(table, secondary or {})
     return Ranking(table, str(table.loc[0, "experiment"]), reason, verdict, best_name)
+
+
+def secondary_differences(table: pd.DataFrame, secondary: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """`<metric>.delta` (and `_low`, `_high`): each candidate's difference from the candidate
+    lowest in that metric, with the paired bootstrap's 95% interval. A tie-break on probe.loss
+    is then seen to be more than noise, or not."""
+    for metric, values in secondary.items():
+        if metric not in table:
+            continue
+        rows = table[table["experiment"].isin(values.columns.get_level_values(0))]
+        if len(rows) < 2:
+            continue
+        lowest = str(rows.loc[rows[metric].astype(float).idxmin(), "experiment"])
+        for index, name in rows["experiment"].items():
+            d = paired_bootstrap(values[lowest], values[name])
+            table.loc[index, [f"{metric}.delta", f"{metric}.delta_low", f"{metric}.delta_high"]] = (
+                d.value,
+                d.low,
+                d.high,
+            )
+    return table
 
 
 def _with_excluded(

@@ -11,7 +11,7 @@ resamples the seeds as well: a seed shifts a whole run, which resampling images 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,17 @@ import numpy as np
 import pandas as pd
 
 from aeselect.dvc import read_output
-from aeselect.paths import PER_IMAGE_CSV
+from aeselect.paths import PER_IMAGE_CSV, PROBE_PER_IMAGE_CSV
 from aeselect.paths import PER_IMAGE_PAIRING_KEY as PAIRING_KEY
 from aeselect.phases.rung_book import pruned_standings
 from aeselect.sweep.experiments import collect_results
 from aeselect.sweep.spec import PhaseSpec
 
 PER_IMAGE_FILE = PER_IMAGE_CSV.as_posix()
+PROBE_PER_IMAGE_FILE = PROBE_PER_IMAGE_CSV.as_posix()
+# Per-image metrics beside the primary whose differences get intervals too: the probe's, so that
+# a tie-break on the latent's diffusability shows whether it is more than noise.
+SECONDARY_PER_IMAGE = ("probe.loss",)
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
@@ -104,6 +108,9 @@ class PhaseResults:
     # The primary metric: rows = val image paths, columns = (experiment, seed).
     per_image: pd.DataFrame | None
     no_interval: str  # why per_image is None ("" when it is not)
+    # SECONDARY_PER_IMAGE metrics per val image, laid out like per_image, where every
+    # successful experiment has them.
+    secondary: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 def seed_spread_column(metric: str) -> str:
@@ -142,22 +149,24 @@ def mean_over_seeds(runs: pd.DataFrame, spec: PhaseSpec, primary: str) -> pd.Dat
     return frame.reset_index(drop=True)
 
 
-def primary_per_image(
+def per_image_values(
     repo: Path, runs: pd.DataFrame, experiments: pd.DataFrame, metric: str
 ) -> tuple[pd.DataFrame | None, str]:
-    """The primary metric of every successful experiment per val image, one column per
-    (experiment, seed); or None and the reason no interval exists."""
+    """`metric` of every successful experiment per val image (evaluate's CSV, or the probe's for
+    a probe metric), one column per (experiment, seed); or None and the reason no interval
+    exists."""
     done = experiments.loc[experiments["state"] == "Success", "key"]
     if done.empty:
         return None, "no experiment succeeded, so no interval exists"
+    source = PROBE_PER_IMAGE_FILE if metric.startswith("probe.") else PER_IMAGE_FILE
     columns: dict[str, pd.DataFrame] = {}
     for key in done:
         seeds = []
         for rev in runs.loc[runs["key"] == key, "rev"]:
-            frame = pd.read_csv(io.BytesIO(read_output(repo, PER_IMAGE_FILE, rev)))
+            frame = pd.read_csv(io.BytesIO(read_output(repo, source, rev)))
             if metric not in frame.columns:
                 return None, (
-                    f"{metric} has no per-image values (per_image.csv has "
+                    f"{metric} has no per-image values ({source} has "
                     f"{', '.join(c for c in frame.columns if c != PAIRING_KEY)}), so no "
                     "interval exists"
                 )
@@ -195,9 +204,14 @@ def gather(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> PhaseResults:
     runs = collect_results(repo, spec, sweep)
     experiments = mean_over_seeds(runs, spec, primary.key)
     experiments["left"] = _why_left(repo, spec, experiments)
+    secondary = {}
+    for metric in SECONDARY_PER_IMAGE:
+        if metric != primary.key and metric in experiments.columns:
+            values, _ = per_image_values(repo, runs, experiments, metric)
+            if values is not None:
+                secondary[metric] = values
     if primary.source == "param":
-        return PhaseResults(
-            runs, experiments, None, f"{primary.key} is a param, so no interval exists"
-        )
-    per_image, why = primary_per_image(repo, runs, experiments, primary.key)
-    return PhaseResults(runs, experiments, per_image, why)
+        why = f"{primary.key} is a param, so no interval exists"
+        return PhaseResults(runs, experiments, None, why, secondary)
+    per_image, why = per_image_values(repo, runs, experiments, primary.key)
+    return PhaseResults(runs, experiments, per_image, why, secondary)

@@ -22,6 +22,7 @@ from aeselect.phases.noise import (
     BOOTSTRAP_SEED,
     CONFIDENCE,
     RESAMPLES,
+    SECONDARY_PER_IMAGE,
     PhaseResults,
     gather,
     seed_spread_column,
@@ -126,6 +127,21 @@ def _versus_best(row: pd.Series) -> dict[str, Any]:
     }
 
 
+def _versus_lowest(row: pd.Series) -> dict[str, Any]:
+    """Each secondary metric's difference from its lowest candidate, with its 95% interval."""
+    return {
+        f"{metric}_vs_lowest": {
+            "difference": _plain(row[f"{metric}.delta"]),
+            "interval_95": [
+                _plain(row[f"{metric}.delta_low"]),
+                _plain(row[f"{metric}.delta_high"]),
+            ],
+        }
+        for metric in SECONDARY_PER_IMAGE
+        if _plain(row.get(f"{metric}.delta")) is not None
+    }
+
+
 def _picked(spec: PhaseSpec, phase: PhaseResults, pick: str) -> pd.Series:
     """The experiment `--pick` names, by its name (`p1-1-lc8`: its current fresh run) or by the
     name of a current run of it (`p1-1-lc8_2`; with `repeats`, `p1-1-lc8-s1`); it must have
@@ -173,7 +189,9 @@ def promote(
             f"{listing}. Run them (`aeselect phase run {spec.id}` queues what is missing, "
             "stale or failed), or choose with --pick NAME --why '...'"
         )
-    ranking = rank(phase.experiments, spec.decide, phase.per_image, phase.no_interval)
+    ranking = rank(
+        phase.experiments, spec.decide, phase.per_image, phase.no_interval, phase.secondary
+    )
     if not ranking.winner and pick is None:
         raise PhaseError(
             f"phase {spec.id}: no candidate may be promoted: {ranking.reason}. Change the "
@@ -301,6 +319,7 @@ def _candidates(spec: PhaseSpec, runs: pd.DataFrame, ranking: Ranking) -> list[d
         }
         | _versus_best(r)
         | _summary(r, spec)
+        | _versus_lowest(r)
         | _seed_runs(runs, r["key"], spec)
         for _, r in ranking.table.iterrows()
     ]

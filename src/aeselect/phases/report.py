@@ -13,11 +13,19 @@ from PIL import Image
 
 from aeselect import paths
 from aeselect.dvc import read_output, read_output_dir
-from aeselect.phases.decide import VERDICTS, Ranking, column, describe_difference, rank
+from aeselect.phases.decide import (
+    VERDICTS,
+    Ranking,
+    column,
+    describe_difference,
+    describe_versus_lowest,
+    rank,
+)
 from aeselect.phases.noise import (
     BOOTSTRAP_SEED,
     CONFIDENCE,
     RESAMPLES,
+    SECONDARY_PER_IMAGE,
     PhaseResults,
     gather,
     seed_spread_column,
@@ -27,8 +35,10 @@ from aeselect.scoring.layout import GRID_PADDING, grid_column, tile_box
 from aeselect.sweep.spec import REPEAT_SEED_KEY, REPORTS_DIR, PhaseSpec
 
 RECONSTRUCTIONS = paths.RECONSTRUCTIONS.as_posix()
+PROBE_SAMPLES = paths.PROBE_SAMPLES.as_posix()
 VAL_CURVES_DIR = paths.VAL_CURVES_DIR.as_posix()
 DIFFERENCE = "Δ vs best [95% CI]"
+VERSUS_LOWEST = "Δ vs lowest [95% CI]"  # after a secondary metric's name: probe.loss Δ vs ...
 
 
 @dataclass
@@ -72,6 +82,29 @@ def side_by_side(repo: Path, done: pd.DataFrame, image_size: int) -> Image.Image
     return out
 
 
+def probe_samples(repo: Path, done: pd.DataFrame) -> Image.Image | None:
+    """Each experiment's decoded probe samples (one row of the same seeded draws), one row per
+    experiment in the reconstructions' column order: what its latent gives a denoiser to learn."""
+    rows = [
+        Image.open(io.BytesIO(read_output(repo, PROBE_SAMPLES, rev))).convert("RGB")
+        for rev in done["rev"]
+    ]
+    if not rows:
+        return None
+    out = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    y = 0
+    for row in rows:
+        out.paste(row, (0, y))
+        y += row.height
+    return out
+
+
+def _label(row: pd.Series) -> str:
+    """A chart point's name: the experiment, marked when a requirement excludes it."""
+    excluded = row.get("vs_best") == "excluded"
+    return f"{row['experiment']} (excluded)" if excluded else str(row["experiment"])
+
+
 def render_chart(
     datapoints: list[dict], template: str, x: str, y: str, title: str, out: Path
 ) -> None:
@@ -90,7 +123,8 @@ def render_chart(
 
 
 def charts(table: pd.DataFrame, curves: pd.DataFrame, report_dir: Path) -> None:
-    """Val curves overlaid, and quality against latent size (the Pareto view)."""
+    """Val curves overlaid, and the two Pareto views: quality against latent size, and
+    reconstruction against the probe's diffusability (excluded candidates marked)."""
     for metric, title in (("mse", "val MSE (lower is better)"), ("psnr", "val PSNR, dB")):
         rows = curves[curves["metric"] == metric]
         points = [
@@ -99,22 +133,27 @@ def charts(table: pd.DataFrame, curves: pd.DataFrame, report_dir: Path) -> None:
         ]
         if points:
             render_chart(points, "linear", "step", metric, title, report_dir / f"val_{metric}.png")
-    points = [
-        {
-            "rev": r["experiment"],
-            "latent elements per image": float(r["latent.elements_per_image"]),
-            "PSNR dB": float(r["psnr"]),
-        }
-        for _, r in table.iterrows()
+    views = [
+        ("latent.elements_per_image", "latent elements per image", "psnr", "PSNR dB", "pareto"),
+        (
+            "probe.loss",
+            "probe.loss (easier to diffuse: left)",
+            "psnr_pooled",
+            "psnr_pooled dB",
+            "tradeoff",
+        ),
     ]
-    render_chart(
-        points,
-        "scatter",
-        "latent elements per image",
-        "PSNR dB",
-        "quality vs latent size (up and left is better)",
-        report_dir / "pareto.png",
-    )
+    titles = {
+        "pareto": "quality vs latent size (up and left is better)",
+        "tradeoff": "reconstruction vs diffusability (up and left is better)",
+    }
+    for x_key, x, y_key, y, name in views:
+        if not {x_key, y_key} <= set(table.columns):
+            continue
+        points = [
+            {"rev": _label(r), x: float(r[x_key]), y: float(r[y_key])} for _, r in table.iterrows()
+        ]
+        render_chart(points, "scatter", x, y, titles[name], report_dir / f"{name}.png")
 
 
 def detail_zoom(grid: Image.Image, image_size: int, factor: int = 4) -> Image.Image:
@@ -158,7 +197,11 @@ def compare(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Comparison:
     report_dir = repo / REPORTS_DIR / spec.id
     report_dir.mkdir(parents=True, exist_ok=True)
     done = results[results["state"] == "Success"]
-    ranking = rank(results, spec.decide, phase.per_image, phase.no_interval) if len(done) else None
+    ranking = (
+        rank(results, spec.decide, phase.per_image, phase.no_interval, phase.secondary)
+        if len(done)
+        else None
+    )
     ordered = ranking.table if ranking else results
     ordered.to_csv(report_dir / "metrics.csv", index=False)
     if spec.repeats > 1:
@@ -173,6 +216,9 @@ def compare(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Comparison:
         if grid is not None:
             grid.save(report_dir / "reconstructions.png")
             detail_zoom(grid, size).save(report_dir / "zoom.png")
+        samples = probe_samples(repo, trained)
+        if samples is not None:
+            samples.save(report_dir / "probe_samples.png")
     (report_dir / "report.md").write_text(render_markdown(repo, spec, phase, ranking))
     return Comparison(phase, ranking, report_dir)
 
@@ -187,7 +233,14 @@ def display_table(spec: PhaseSpec, table: pd.DataFrame) -> pd.DataFrame:
     )
     wanted = ["rank", "experiment", "state"] + [f"params.{k}" for k in spec.selects]
     wanted += [primary, seed_spread_column(primary), DIFFERENCE, "vs_best", "excluded"]
-    wanted += [column(c) for c in spec.decide.tie_breakers] + HEADLINE
+    wanted += [column(c) for c in spec.decide.tie_breakers]
+    for metric in SECONDARY_PER_IMAGE:  # with its interval, tie-breaker or not
+        if metric in table and metric != primary:
+            name = f"{metric} {VERSUS_LOWEST}"
+            shown[name] = table.apply(lambda row, m=metric: describe_versus_lowest(row, m), axis=1)
+            at = wanted.index(metric) + 1 if metric in wanted else len(wanted)
+            wanted[at:at] = [metric] * (metric not in wanted) + [name]
+    wanted += HEADLINE
     return shown[[c for c in dict.fromkeys(wanted) if c in shown.columns]]
 
 
@@ -247,7 +300,8 @@ def render_markdown(
             + f" (commit message: phase {spec.id}).",
             "",
         ]
-    order = ", ".join(table["experiment"]) if ranking else ""
+    trained = table[table["state"] == "Success"]  # the ones with images: not the pruned
+    order = ", ".join(trained["experiment"]) if ranking else ""
     succeeded = phase.runs.loc[phase.runs["state"] == "Success", "experiment"]
     lines += _figures_section(spec, order, " ".join(succeeded))
     return "\n".join(lines)
@@ -304,11 +358,21 @@ def _figures_section(spec: PhaseSpec, order: str, succeeded: str) -> list[str]:
         "",
         "![detail](zoom.png)",
         "",
-        "## Curves and the quality / latent-size trade-off",
+        "Decoded samples of each experiment's diffusability probe (`probe_samples.png` of the",
+        f"probe stage, the same seeded draws), one row per experiment ({order}). At demo scale",
+        "they are rough; what matters is which latent gives the denoiser structure to learn.",
+        "",
+        "![probe samples](probe_samples.png)",
+        "",
+        "## Curves and the trade-offs",
         "",
         "![val MSE](val_mse.png) ![val PSNR](val_psnr.png)",
         "",
-        "![pareto](pareto.png)",
+        "Quality against latent size, and reconstruction against `probe.loss` (how hard the",
+        "latent is to diffuse: 1.0 = no structure found): a candidate a requirement excludes",
+        "is marked `(excluded)`.",
+        "",
+        "![quality vs latent size](pareto.png) ![reconstruction vs diffusability](tradeoff.png)",
         "",
         "Numbers: `metrics.csv` (final metrics, ranked), `val_curves.csv` (every evaluation).",
         "Charts are DVC plot templates rendered offline (`*.vl.json` are their Vega-Lite specs).",
