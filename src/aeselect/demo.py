@@ -107,7 +107,12 @@ def run_phase(repo: Path, spec: PhaseSpec, jobs: int, sweep_steps: int) -> float
     print(display_table(spec, table).to_string(index=False))
     decision = promote(repo, spec, extra, gathered=comparison.phase)
     elapsed = time.monotonic() - phase_start
+    trained = float(table.loc[table["state"] == "Success", "train_time_s"].sum())
     print(f"-> {decision['commit_message']}  [{elapsed:.0f} s]")
+    print(
+        f"   efficiency: {trained:.0f} s of training / ({elapsed:.0f} s wall x {jobs} jobs) "
+        f"= {trained / (elapsed * jobs):.0%}"
+    )
     print(f"   why: {decision['rationale']}")
     print(f"   report: {comparison.report_dir.relative_to(repo)}/report.md\n")
     return elapsed
