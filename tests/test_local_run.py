@@ -72,3 +72,18 @@ def test_phase_run_exits_non_zero_naming_the_experiment_that_failed(tmp_path):
     assert run.returncode == 1
     assert "not done: p1-1-lc2, p1-1-lc4" in run.stderr, run.stderr
     assert re.search(r"^p1-1-lc2: failed$", run.stdout, re.M), run.stdout
+
+
+@pytest.mark.slow
+def test_phase_run_starts_the_experiments_in_the_phase_files_order(tmp_path):
+    # The claims are files read in name order (lc2 before lc4); the file lists lc4 first.
+    project = make_project(tmp_path / "project", TINY)
+    swapped = VALID.replace(
+        "  lc2: {model.latent_channels: 2}\n      lc4: {model.latent_channels: 4}",
+        "  lc4: {model.latent_channels: 4}\n      lc2: {model.latent_channels: 2}",
+    )
+    assert swapped != VALID
+    tiny_phases(project, ("1.1", swapped))
+    run = aeselect(project, "run", "1.1", "-j", "1")
+    started = re.findall(r"^\[drain\] (p1-1-lc\d): started", run.stderr, re.M)
+    assert started == ["p1-1-lc4", "p1-1-lc2"], run.stderr
