@@ -58,6 +58,19 @@ def test_a_candidate_failing_the_latent_size_gate_is_excluded_with_value_and_bou
     assert f"Excluded: lc16 ({message})" in ranking.reason
 
 
+def test_candidates_that_left_a_budget_sweep_early_say_how(tmp_path):
+    frame = candidates(
+        lc8={"mse": 0.013, "params.model.latent_channels": 8},
+        lc4={"mse": float("nan"), "params.model.latent_channels": 4},
+        lc16={"mse": float("nan"), "params.model.latent_channels": 16},
+    )
+    frame.loc[1, ["state", "left"]] = ("Pruned", "pruned at step 50: mse 0.02")
+    frame.loc[2, ["state", "left"]] = ("Excluded", "untrained: latent.compression_ratio 12 fails")
+    table = rank(frame, rule(tmp_path)).table.set_index("experiment")
+    assert list(table["vs_best"]) == ["best", "pruned", "excluded"]
+    assert table.loc["lc4", "excluded"] == "pruned at step 50: mse 0.02"
+
+
 def test_the_bound_is_the_candidates_own_params_not_a_copy(tmp_path):
     frame = candidates(lc16={"mse": 0.01, "params.model.latent_channels": 16})
     frame["params.evaluate.min_compression_ratio"] = 12.0

@@ -137,6 +137,7 @@ def rank(
     pruned = results[results["state"].isin(LEFT_EARLY)].copy()  # out before the end
     if len(pruned):
         pruned["excluded"] = pruned.get("left", pd.Series("", index=pruned.index))
+        pruned["vs_best"] = pruned["state"].str.lower()  # pruned, or excluded (untrained)
     if (done["excluded"] != "").all():
         ranking = _all_excluded(done, pruned, rule)
         return replace(ranking, table=secondary_differences(ranking.table, secondary or {}))
@@ -211,7 +212,7 @@ def _with_excluded(
             d = paired_bootstrap(per_image[best_name], per_image[name])
             frame.loc[index, ["delta", "delta_low", "delta_high"]] = (d.value, d.low, d.high)
     out = pd.concat(
-        [table.drop(columns="rank"), frame, pruned.assign(tied=False, vs_best="pruned")],
+        [table.drop(columns="rank"), frame, pruned.assign(tied=False)],
         ignore_index=True,
     )
     out.insert(0, "rank", range(1, len(out) + 1))
@@ -222,7 +223,7 @@ def _all_excluded(done: pd.DataFrame, pruned: pd.DataFrame, rule: DecisionRule) 
     """Every successful candidate fails a requirement: no winner; the closest (the smallest
     relative shortfall) is named, for a `--pick` to consider."""
     table = done.sort_values("shortfall", kind="stable").assign(tied=False, vs_best="excluded")
-    table = pd.concat([table, pruned.assign(tied=False, vs_best="pruned")], ignore_index=True)
+    table = pd.concat([table, pruned.assign(tied=False)], ignore_index=True)
     table.insert(0, "rank", range(1, len(table) + 1))
     for name in ("delta", "delta_low", "delta_high"):
         table[name] = math.nan
