@@ -15,9 +15,12 @@ from test_phase_runs import tiny_phases
 from test_phases import VALID, aeselect, write_phase
 from test_resume import TIMING
 
+from aeselect.cluster.claims import Claim
+from aeselect.cluster.rungs import RungBook
 from aeselect.dvc import run_dvc
 from aeselect.envvars import THREADS_ENV
 from aeselect.phases.prune import judge_rung
+from aeselect.phases.rung_book import RUNGS_DIR
 from aeselect.sweep.spec import Budget, PhaseError, load_phase
 
 WITH_BUDGET = VALID.replace("decide:", "budget: {rungs: [0.25, 0.5]}\n    decide:")
@@ -128,6 +131,22 @@ def test_a_diverged_candidate_is_pruned_without_an_interval(tmp_path):
     standings = judge_rung(scores, dict.fromkeys(scores, 10), rule(tmp_path), True)
     assert standings[0].experiment == "ok" and standings[1].pruned
     assert np.isnan(standings[1].value)
+
+
+def test_a_run_that_finished_without_pausing_does_not_hold_up_the_rung(tmp_path):
+    # 1.2's ds3 has 1.1's winner's params: DVC's run cache serves it whole, it never pauses.
+    write_phase(tmp_path, "1.1", WITH_BUDGET)
+    spec = load_phase("1.1", tmp_path)
+    params = {"train.max_steps": 24, "train.log_every": 6}
+    cached = Claim("p1-1-lc2", {}, status="success", params=params)
+    paused = Claim("p1-1-lc4", {}, status="paused", params=params, rung=1)
+    book = RungBook(tmp_path, spec, spec.budget)
+    scores = tmp_path / RUNGS_DIR / "p1-1-lc4" / "rung_6.csv"
+    scores.parent.mkdir(parents=True)
+    pd.DataFrame({"path": ["a.png", "b.png"], "mse": [0.01, 0.02]}).to_csv(scores, index=False)
+    standings = book.judge_ready([cached, paused])
+    assert [(s.experiment, s.step, s.pruned) for s in standings] == [("lc4", 6, False)]
+    assert book.runnable(paused)
 
 
 BUDGETED = """\

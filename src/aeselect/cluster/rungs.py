@@ -91,11 +91,15 @@ class RungBook:
         """Judge the next rung if every live run has paused there (or finished); returns its
         standings, empty when no rung is ready. Pruned claims are marked and saved."""
         live = [c for c in claims if c.status not in ENDED]  # pruned earlier or failed: out
-        rung = min((c.rung for c in live), default=0) - 1
+        training = [c for c in live if c.status != "success"]
+        rung = min((c.rung for c in training), default=0) - 1
         if rung < 0 or rung in self.judged:
             return []
-        if any(c.status not in ("paused", "success") for c in live):
+        if any(c.status != "paused" for c in training):
             return []
+        # A finished run takes part with the scores it paused with; one that never paused there
+        # (served whole by DVC's run cache: 1.2's ds3 is 1.1's winner) has none and stands aside.
+        live = training + [c for c in live if c.status == "success" and c.rung > rung]
         by_key: dict[str, list[Claim]] = {}
         for claim in live:
             by_key.setdefault(parse_run_name(self.spec, claim.name)[0], []).append(claim)
