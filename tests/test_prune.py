@@ -29,7 +29,7 @@ WITH_BUDGET = VALID.replace("decide:", "budget: {rungs: [0.25, 0.5]}\n    decide
 def test_budget_is_read_with_its_defaults(tmp_path):
     write_phase(tmp_path, "1.1", WITH_BUDGET)
     budget = load_phase("1.1", tmp_path).budget
-    assert (budget.rungs, budget.prune) == ((0.25, 0.5), True)
+    assert (budget.rungs, budget.prune, budget.slack) == ((0.25, 0.5), True, 0.0)
     write_phase(tmp_path, "1.1", VALID)
     assert load_phase("1.1", tmp_path).budget is None
 
@@ -47,6 +47,8 @@ def test_budget_is_read_with_its_defaults(tmp_path):
         ("{rungs: [true]}", r"budget\.rungs: True is not a fraction"),
         ("{rungs: [0.5], prune: yes please}", r"budget\.prune: must be true or false"),
         ("{rungs: [0.5], rung: 2}", r"budget: rung: unknown key; did you mean 'rungs'\?"),
+        ("{rungs: [0.5], slack: -0.1}", r"budget\.slack: must be a relative tolerance in \[0, 1\)"),
+        ("{rungs: [0.5], slack: true}", r"budget\.slack: must be a relative tolerance"),
     ],
 )
 def test_bad_budgets_name_the_file_and_key(tmp_path, budget, message):
@@ -105,6 +107,19 @@ def test_worse_by_less_than_the_tolerance_is_never_pruned_however_sure(tmp_path)
     assert standings[1].low > 0 and not standings[1].pruned
     standings = judge_rung(scores, dict.fromkeys(scores, 10), rule(tmp_path, tolerance=0.01), True)
     assert standings[1].pruned
+
+
+def test_slack_spares_a_late_bloomer_early_and_less_so_later(tmp_path):
+    # 7% worse on every image: beyond the 5% tolerance, within it plus slack 0.04 at rung 0.25
+    # (5% + 3%), beyond it again at rung 0.75 (5% + 1%).
+    best = per_image(0.0, spread=0.0)
+    scores = {"best": best, "wide": best * 1.07}
+    budget = Budget((0.25, 0.75), True, slack=0.04)
+    at = [budget.allowance(0), budget.allowance(1)]
+    assert at == pytest.approx([0.03, 0.01])
+    judged = [judge_rung(scores, dict.fromkeys(scores, 10), rule(tmp_path), True, a) for a in at]
+    assert [standings[1].pruned for standings in judged] == [False, True]
+    assert judge_rung(scores, dict.fromkeys(scores, 10), rule(tmp_path), True)[1].pruned
 
 
 def test_higher_is_better_prunes_the_low_side(tmp_path):

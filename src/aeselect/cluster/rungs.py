@@ -118,7 +118,9 @@ class RungBook:
         protected = {parse_run_name(self.spec, c.name)[0] for c in live if c.unpruned}
         standings = [
             dataclasses.replace(s, pruned=False) if s.experiment in protected else s
-            for s in judge_rung(scores, steps, self.spec.decide, self.budget.prune)
+            for s in judge_rung(
+                scores, steps, self.spec.decide, self.budget.prune, self.budget.allowance(rung)
+            )
         ]
         self.judged[rung] = [s.to_dict() for s in standings]
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,21 +19,29 @@ from aeselect.phases.rung_book import Standing
 from aeselect.sweep.spec import DecisionRule, PhaseError
 
 
-def beyond_tolerance(difference: Difference, best: float, rule: DecisionRule) -> bool:
-    """Whether the whole interval says worse than the best by more than the tolerance."""
-    margin = abs(best) * rule.tolerance
+def beyond_tolerance(
+    difference: Difference, best: float, rule: DecisionRule, allowance: float = 0.0
+) -> bool:
+    """Whether the whole interval says worse than the best by more than the tolerance (plus a
+    rung's allowance for the training still ahead)."""
+    margin = abs(best) * (rule.tolerance + allowance)
     if rule.primary.direction == "min":
         return difference.low > margin
     return difference.high < -margin
 
 
 def judge_rung(
-    scores: dict[str, pd.DataFrame], steps: dict[str, int], rule: DecisionRule, prune: bool
+    scores: dict[str, pd.DataFrame],
+    steps: dict[str, int],
+    rule: DecisionRule,
+    prune: bool,
+    allowance: float = 0.0,
 ) -> list[Standing]:
     """Each candidate's standing at a rung, best first.
 
     `scores`: experiment key -> its primary metric per val image at the rung (index: image path,
-    one column per training seed); `steps`: the step each was scored at. With `prune` False the
+    one column per training seed); `steps`: the step each was scored at; `allowance`: the
+    relative tolerance added at this rung (`Budget.allowance`). With `prune` False the
     intervals are computed and recorded, and nothing is pruned.
     """
     if not scores:
@@ -53,7 +61,7 @@ def judge_rung(
             standings.append(Standing(key, steps[key], nan, nan, nan, nan, prune))
             continue
         difference = paired_bootstrap(scores[best], frame)
-        pruned = prune and beyond_tolerance(difference, means[best], rule)
+        pruned = prune and beyond_tolerance(difference, means[best], rule, allowance)
         standings.append(
             Standing(
                 key,

@@ -37,7 +37,7 @@ REPEAT_SEED_KEY = "train.seed"
 # `decide:` and of one criterion.
 REQUIRED_PHASE_KEYS = ("id", "title", "requires", "selects", "experiments", "decide")
 PHASE_KEYS = (*REQUIRED_PHASE_KEYS, "repeats", "budget")
-BUDGET_KEYS = ("rungs", "prune")
+BUDGET_KEYS = ("rungs", "prune", "slack")
 DECIDE_KEYS = ("metric", "direction", "tolerance", "tie_breakers", "requirements")
 CRITERION_KEYS = ("metric", "param", "direction")
 REQUIREMENT_KEYS = ("metric", "min", "max", "gate")
@@ -98,7 +98,15 @@ class Budget:
 
     rungs: tuple[float, ...]  # fractions of train.max_steps, increasing, in (0, 1)
     prune: bool  # False: pause and score at the rungs, prune nothing (a dry run of the rule)
+    # Relative tolerance added at a rung for the training still ahead: a rung at fraction f
+    # prunes only beyond `decide.tolerance + slack * (1 - f)`. Wider models lag early on a
+    # cosine schedule and catch up late (README, "Budget"), which the final tolerance ignores.
+    slack: float = 0.0
     where: str = field(default="budget", compare=False)  # `<phase file>: budget`, for errors
+
+    def allowance(self, rung: int) -> float:
+        """The extra relative tolerance at rung index `rung`."""
+        return self.slack * (1 - self.rungs[rung])
 
     def steps(self, max_steps: int, log_every: int) -> tuple[int, ...]:
         """Each rung as a training step: the fraction of `max_steps`, rounded to a log boundary
@@ -328,7 +336,7 @@ def _repeats(raw: Any, path: Path) -> int:
 
 
 def _budget(raw: Any, path: Path) -> Budget | None:
-    """`budget: {rungs: [0.25, 0.5], prune: true}`; absent or null: no rungs."""
+    """`budget: {rungs: [0.25, 0.5], prune: true, slack: 0.0}`; absent or null: no rungs."""
     where = f"{path}: budget"
     if raw is None:
         return None
@@ -347,7 +355,12 @@ def _budget(raw: Any, path: Path) -> Budget | None:
         raise PhaseError(f"{where}.rungs: fractions must increase, got {rungs}")
     if not isinstance(prune, bool):
         raise PhaseError(f"{where}.prune: must be true or false, got {prune!r}")
-    return Budget(tuple(float(r) for r in rungs), prune, where)
+    slack = raw.get("slack", 0.0)
+    if isinstance(slack, bool) or not isinstance(slack, int | float) or not 0 <= slack < 1:
+        raise PhaseError(
+            f"{where}.slack: must be a relative tolerance in [0, 1) (0.04 = 4%), got {slack!r}"
+        )
+    return Budget(tuple(float(r) for r in rungs), prune, float(slack), where)
 
 
 def _selects(raw: Any, path: Path) -> tuple[str, ...]:
