@@ -28,17 +28,17 @@ from aeselect.sweep.git import git
 from aeselect.sweep.spec import load_phase
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).with_name("budget.json")
+RESULTS = Path(__file__).parent  # budget-<modes>-slack<slack>.json
 
 
-def add_budget(repo: Path, phase_ids: list[str], rungs: list[float]) -> None:
-    """Commit `budget: {rungs, prune: true}` into each phase file of the clone."""
+def add_budget(repo: Path, phase_ids: list[str], rungs: list[float], slack: float) -> None:
+    """Commit `budget: {rungs, prune: true, slack}` into each phase file of the clone."""
     for phase_id in phase_ids:
         path = repo / "phases" / f"phase{phase_id.replace('.', '_')}.yaml"
         raw = yaml.safe_load(path.read_text())
-        raw["budget"] = {"rungs": rungs, "prune": True}
+        raw["budget"] = {"rungs": rungs, "prune": True, "slack": slack}
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    git(repo, "commit", "-q", "-am", f"budget: rungs {rungs}")
+    git(repo, "commit", "-q", "-am", f"budget: rungs {rungs}, slack {slack}")
 
 
 def phase_outcome(repo: Path, phase_id: str, max_steps: int) -> dict:
@@ -62,7 +62,7 @@ def phase_outcome(repo: Path, phase_id: str, max_steps: int) -> dict:
 def run_mode(workdir: Path, mode: str, args: argparse.Namespace) -> dict:
     repo = make_scratch_clone(ROOT, workdir / mode)
     if mode == "rungs":
-        add_budget(repo, args.phases, args.rungs)
+        add_budget(repo, args.phases, args.rungs, args.slack)
     steps = args.factor * SWEEP_STEPS
     outcome = {}
     for phase_id in args.phases:
@@ -76,6 +76,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--factor", type=int, default=4, help="sweep steps / the demo's")
     parser.add_argument("--rungs", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--slack", type=float, default=0.0, help="budget.slack")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("full", "rungs"),
+        default=["full", "rungs"],
+        help="full sweeps are deterministic: rerun only the rungs to try another schedule",
+    )
     parser.add_argument("--phases", nargs="+", default=["1.1", "1.2"])
     parser.add_argument("-j", "--jobs", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the scratch clones")
@@ -84,12 +92,14 @@ def main() -> int:
         os.environ.setdefault(key, value)
     workdir = Path(tempfile.mkdtemp(prefix="aeselect-budget-", dir=ROOT / "build"))
     try:
-        results = {mode: run_mode(workdir, mode, args) for mode in ("full", "rungs")}
+        results = {mode: run_mode(workdir, mode, args) for mode in args.modes}
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    RESULTS.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    print(f"\n{args.factor}x sweep steps ({args.factor * SWEEP_STEPS}), rungs {args.rungs}")
+    out = RESULTS / f"budget-{'-'.join(args.modes)}-slack{args.slack}.json"
+    out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    steps = args.factor * SWEEP_STEPS
+    print(f"\n{args.factor}x sweep steps ({steps}), rungs {args.rungs}, slack {args.slack}")
     print("| phase | mode | steps | wall s | winner | verdict | losers |")
     print("|---|---|---:|---:|---|---|---|")
     for phase_id in args.phases:
@@ -104,6 +114,8 @@ def main() -> int:
                 f"| {phase_id} | {mode} | {got['steps']} | {got['wall_s']:.0f} | {got['winner']} "
                 f"| {got['verdict']} | {losers or '-'} |"
             )
+        if len(results) < 2:
+            continue
         full, rungs = results["full"][phase_id], results["rungs"][phase_id]
         saved = 1 - rungs["steps"] / full["steps"]
         same = (full["winner"], full["verdict"]) == (rungs["winner"], rungs["verdict"])
