@@ -18,17 +18,11 @@ from PIL import Image
 from test_phases import CHAIN_1_2, REPEATED, VALID, aeselect, write_phase
 
 from aeselect.dvc import active_workers, queue_tasks, run_dvc
-from aeselect.sweep.experiments import (
-    DRAIN_DIR,
-    Baseline,
-    PhaseRuns,
-    Run,
-    TaskState,
-    parse_run_name,
-    queue_states,
-    run_name,
-)
+from aeselect.sweep.claim_states import DRAIN_DIR
+from aeselect.sweep.names import parse_run_name, run_name
+from aeselect.sweep.runs import Baseline, PhaseRuns, Run
 from aeselect.sweep.spec import load_phase
+from aeselect.sweep.tasks import TaskState, queue_states
 
 PREFIXED = VALID.replace("lc4: {model.latent_channels: 4}", "lc2-b: {model.latent_channels: 4}")
 

@@ -19,7 +19,8 @@ import yaml
 from aeselect.cluster.drain import drain
 from aeselect.phases.promote import promote, read_decision, require_decided
 from aeselect.phases.report import compare, display_table
-from aeselect.sweep.experiments import git, queue_phase
+from aeselect.sweep.git import git
+from aeselect.sweep.queue import queue_phase
 from aeselect.sweep.spec import DECISIONS_DIR, PhaseError, PhaseSpec, all_phases
 
 SCRATCH = Path("build/phase1-demo")

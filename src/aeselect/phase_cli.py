@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 from aeselect.config import apply_overrides, from_dict, parse_assignment
-from aeselect.sweep.experiments import dirty_paths, load_phase_runs, queue_phase, recorded_sweep
+from aeselect.sweep.queue import dirty_paths, queue_phase
+from aeselect.sweep.runs import load_phase_runs
 from aeselect.sweep.spec import PhaseError, PhaseSpec, all_phases, load_phase
+from aeselect.sweep.sweep_record import recorded_sweep
 
 
 def _note(message: str) -> None:

@@ -12,16 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from aeselect.dvc import run_dvc
-from aeselect.sweep.experiments import (
-    DRAIN_DIR,
-    canonical_params,
-    claim_records,
-    load_phase_runs,
-    parse_run_name,
-    queue_states,
-    recorded_sweep,
-)
+from aeselect.sweep.claim_states import DRAIN_DIR, claim_records
+from aeselect.sweep.names import parse_run_name
+from aeselect.sweep.runs import canonical_params, load_phase_runs
 from aeselect.sweep.spec import PhaseSpec
+from aeselect.sweep.sweep_record import recorded_sweep
+from aeselect.sweep.tasks import queue_states
 
 
 @dataclass

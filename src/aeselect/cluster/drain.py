@@ -45,7 +45,7 @@ from aeselect.envvars import (
 )
 from aeselect.paths import HPC_LOG_DIR as LOG_DIR
 from aeselect.phases.decide import requirement_failures
-from aeselect.sweep.experiments import DRAIN_DIR
+from aeselect.sweep.claim_states import DRAIN_DIR
 from aeselect.sweep.spec import PhaseSpec
 
 ANOTHER_DRAINER_EXIT_CODE = 3

@@ -28,7 +28,8 @@ from aeselect.cluster.share import (
     share_out,
 )
 from aeselect.dvc import DvcError, default_remote, exp_pull, remote_url
-from aeselect.sweep.experiments import load_phase_runs, parse_run_name
+from aeselect.sweep.names import parse_run_name
+from aeselect.sweep.runs import load_phase_runs
 from aeselect.sweep.spec import PhaseError, PhaseSpec
 
 GIT_REMOTE = "origin"

@@ -28,7 +28,7 @@ from aeselect.envvars import RESUME_DIR_ENV, RUNG_DIR_ENV, RUNGS_ENV
 from aeselect.paths import PER_IMAGE_PAIRING_KEY, RESUME_DIR
 from aeselect.phases.prune import judge_rung
 from aeselect.phases.rung_book import RUNGS_DIR, Standing, rung_book_path
-from aeselect.sweep.experiments import parse_run_name
+from aeselect.sweep.names import parse_run_name
 from aeselect.sweep.spec import Budget, PhaseError, PhaseSpec
 
 # Claims that take part in a rung: those still training toward the end, or there already.

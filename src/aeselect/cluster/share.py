@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from aeselect.sweep.experiments import git as sweep_git
+from aeselect.sweep.git import git as sweep_git
 from aeselect.sweep.spec import PhaseError
 
 PLAN_REFS = "refs/aeselect/plans"

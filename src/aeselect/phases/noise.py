@@ -22,7 +22,7 @@ from aeselect.dvc import read_output
 from aeselect.paths import PER_IMAGE_CSV
 from aeselect.paths import PER_IMAGE_PAIRING_KEY as PAIRING_KEY
 from aeselect.phases.rung_book import pruned_standings
-from aeselect.sweep.experiments import collect_results
+from aeselect.sweep.results import collect_results
 from aeselect.sweep.spec import PhaseSpec
 
 PER_IMAGE_FILE = PER_IMAGE_CSV.as_posix()

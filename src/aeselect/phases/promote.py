@@ -26,7 +26,9 @@ from aeselect.phases.noise import (
     gather,
     seed_spread_column,
 )
-from aeselect.sweep.experiments import dirty_paths, git, parse_run_name
+from aeselect.sweep.git import git
+from aeselect.sweep.names import parse_run_name
+from aeselect.sweep.queue import dirty_paths
 from aeselect.sweep.spec import DECISIONS_DIR, PhaseError, PhaseSpec, all_phases
 
 # Columns every decision file and report shows, beside the rule's own.
