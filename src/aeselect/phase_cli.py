@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from aeselect.config import apply_overrides, from_dict, parse_assignment
+from aeselect.git import GitError
 from aeselect.sweep.queue import dirty_paths, queue_phase
 from aeselect.sweep.runs import load_phase_runs
 from aeselect.sweep.spec import PhaseError, PhaseSpec, all_phases, load_phase
@@ -357,6 +358,6 @@ def add_set(parser: argparse.ArgumentParser) -> None:
 def _guard(func, args: argparse.Namespace) -> int:
     try:
         return func(args)
-    except PhaseError as err:
+    except (PhaseError, GitError) as err:
         print(f"aeselect phase: {err}", file=sys.stderr)
         return 2

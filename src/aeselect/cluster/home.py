@@ -28,6 +28,7 @@ from aeselect.cluster.share import (
     share_out,
 )
 from aeselect.dvc import DvcError, default_remote, exp_pull, remote_url
+from aeselect.git import GitError
 from aeselect.sweep.names import parse_run_name
 from aeselect.sweep.runs import load_phase_runs
 from aeselect.sweep.spec import PhaseError, PhaseSpec
@@ -47,15 +48,14 @@ def _absolute(url: str, base: Path) -> str:
 def remotes(repo: Path) -> tuple[str, str, str]:
     """(Git remote URL, default DVC remote name, its URL); a missing one is an error that
     names the command that sets it up."""
-    got = subprocess.run(
-        ["git", "remote", "get-url", GIT_REMOTE], cwd=repo, text=True, capture_output=True
-    )
-    if got.returncode != 0:
+    try:
+        url = git(repo, "remote", "get-url", GIT_REMOTE)
+    except GitError:
         raise PhaseError(
             f"no Git remote {GIT_REMOTE!r} in {repo}: the jobs clone the queued commit from it "
             f"and push their experiments there. Set it up: `git remote add {GIT_REMOTE} <url>` "
             "(e.g. a bare repository on shared storage: `git init --bare /shared/aeselect.git`)"
-        )
+        ) from None
     dvc_remote = default_remote(repo)
     if dvc_remote is None:
         raise PhaseError(
@@ -63,7 +63,7 @@ def remotes(repo: Path) -> tuple[str, str, str]:
             "Set it up: `dvc remote add -d store /shared/dvc-store` (or s3://..., ssh://...) and "
             "commit .dvc/config"
         )
-    git_url = _absolute(got.stdout.strip(), repo)
+    git_url = _absolute(url.strip(), repo)
     return git_url, dvc_remote, _absolute(remote_url(repo, dvc_remote), repo / ".dvc")
 
 

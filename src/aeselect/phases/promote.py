@@ -16,6 +16,7 @@ from ruamel.yaml import YAML
 
 from aeselect.config import PARAMS_FILE, EvaluateConfig, apply_overrides, from_dict, read_yaml
 from aeselect.evaluation.gates import gate_bounds
+from aeselect.git import git
 from aeselect.paths import EXPORT_PATH
 from aeselect.phases.decide import LEFT_EARLY, Ranking, column, rank
 from aeselect.phases.noise import (
@@ -26,7 +27,6 @@ from aeselect.phases.noise import (
     gather,
     seed_spread_column,
 )
-from aeselect.sweep.git import git
 from aeselect.sweep.names import parse_run_name
 from aeselect.sweep.queue import dirty_paths
 from aeselect.sweep.spec import DECISIONS_DIR, PhaseError, PhaseSpec, all_phases

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aeselect.dvc import DvcError, exp_run_command, run_dvc
-from aeselect.sweep.git import git
+from aeselect.git import git
 from aeselect.sweep.runs import experiment_params, load_phase_runs
 from aeselect.sweep.spec import PhaseSpec
 from aeselect.sweep.sweep_record import record_sweep

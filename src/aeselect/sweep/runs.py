@@ -16,10 +16,10 @@ from typing import Any
 from aeselect.config import PARAMS_FILE, ConfigError, apply_overrides, flatten, from_dict
 from aeselect.dvc import exp_show as dvc_exp_show
 from aeselect.dvc import experiment_baselines
+from aeselect.git import git
 from aeselect.paths import EVALUATE_METRICS, PROBE_METRICS, TRAIN_METRICS
 from aeselect.sweep.claim_states import claim_records, claim_state
 from aeselect.sweep.freshness import stale_deps
-from aeselect.sweep.git import git
 from aeselect.sweep.names import RUN_NAME, parse_run_name, run_name
 from aeselect.sweep.spec import PhaseError, PhaseRun, PhaseSpec
 from aeselect.sweep.tasks import TaskState, queue_states
