@@ -32,6 +32,7 @@ from aeselect.git import GitError
 from aeselect.sweep.names import parse_run_name
 from aeselect.sweep.runs import load_phase_runs
 from aeselect.sweep.spec import PhaseError, PhaseSpec
+from aeselect.sweep.status import Status
 
 GIT_REMOTE = "origin"
 # squeue's states of a job that will not run again (a requeued job is PENDING meanwhile).
@@ -75,7 +76,7 @@ def make_plan(repo: Path, spec: PhaseSpec, weights: dict[str, int]) -> Plan:
     claim_queued(repo, spec, claims)
     order = {(run.key, run.repeat): i for i, run in enumerate(spec.runs())}
     planned = sorted(
-        (c for c in claims.values() if c.status == "claimed" and not c.plan),
+        (c for c in claims.values() if c.status == Status.CLAIMED and not c.plan),
         key=lambda c: order[parse_run_name(spec, c.name)[:2]],  # the phase file's order
     )
     if not planned:
@@ -121,7 +122,12 @@ def preview_plan(
         run = view.current(phase_run)
         if view.wants_new_run(phase_run, retry_failed):
             names.append(view.next_name(phase_run))
-        elif run is not None and run.status == "Queued" and run.task is not None and run.task.task:
+        elif (
+            run is not None
+            and run.status == Status.QUEUED
+            and run.task is not None
+            and run.task.task
+        ):
             names.append(run.name)  # in DVC's queue, not taken by a drainer or a plan yet
     return new_plan(repo, spec, view.baseline.commit, {name: {} for name in names}, weights)
 
@@ -167,7 +173,7 @@ def follow(repo: Path, spec: PhaseSpec) -> list[Plan]:
             status = record.status
             log = record.log
             if status in UNFINISHED and job_ended(record):
-                status = "failed"  # its job is gone: reported, and retried by the next submit
+                status = Status.FAILED  # its job is gone: reported, and retried by the next submit
                 log = f"{record.log} (job {record.job} ended without finishing it)"
             mirrored = dataclasses.replace(
                 claim,
@@ -204,7 +210,7 @@ def bring_home(repo: Path, spec: PhaseSpec, echo=print) -> list[str]:
         claims[name]
         for plan in plans
         for name in plan.experiments
-        if name in claims and claims[name].status == "success" and name not in here
+        if name in claims and claims[name].status == Status.SUCCESS and name not in here
     ]
     stranded = [c for c in done if not c.pushed]
     if stranded:

@@ -32,6 +32,7 @@ from typing import Any
 from aeselect.git import GitError
 from aeselect.git import git as plain_git
 from aeselect.sweep.spec import PhaseError
+from aeselect.sweep.status import Status
 
 PLAN_REFS = "refs/aeselect/plans"
 CLAIM_REFS = "refs/aeselect/claims"
@@ -43,7 +44,7 @@ CLAIM_IDENTITY = {
     "GIT_COMMITTER_NAME": "aeselect",
     "GIT_COMMITTER_EMAIL": "aeselect@localhost",
 }
-UNFINISHED = ("claimed", "running", "interrupted")
+UNFINISHED = (Status.CLAIMED, Status.RUNNING, Status.INTERRUPTED)
 CAS_TRIES = 3  # a push that lost a ref lock to a racing push that then failed itself: retry
 
 
@@ -131,7 +132,7 @@ class ClaimRecord:
     cluster: str
     profile: str
     node: str
-    status: str  # claimed | running | interrupted | success | failed
+    status: Status  # claimed, running, interrupted, success or failed
     pushed: bool = False  # the result is on the remotes (`dvc exp push`)
     log: str = ""  # the experiment's log in the job's clone, on its node's storage
     at: str = field(default_factory=lambda: stamp())
@@ -220,5 +221,5 @@ def job_identity(profile: str) -> ClaimRecord:
         cluster=os.environ.get("SLURM_CLUSTER_NAME", ""),
         profile=profile,
         node=socket.gethostname(),
-        status="claimed",
+        status=Status.CLAIMED,
     )

@@ -14,6 +14,7 @@ import pandas as pd
 from aeselect.config import apply_overrides, from_dict
 from aeselect.phases.noise import paired_bootstrap
 from aeselect.sweep.spec import PARAMS_METRICS, Criterion, DecisionRule, PhaseError
+from aeselect.sweep.status import Status
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ VERDICTS = {
     "single": "the only successful experiment: nothing to compare",
     "excluded": "every candidate fails a requirement: nothing may be promoted but by --pick",
 }
-LEFT_EARLY = ("Pruned", "Excluded")  # budget-aware sweeps: pruned at a rung, or never trained
+# Budget-aware sweeps: pruned at a rung, or never trained.
+LEFT_EARLY = (Status.PRUNED.label, Status.EXCLUDED.label)
 NO_INTERVAL = "no per-image values were given, so no interval exists"
 
 
@@ -111,7 +113,7 @@ def rank(
     column per experiment), when the paired bootstrap's 95% interval of the difference contains
     zero: then it is noise, not a ranking.
     """
-    done = results[results["state"] == "Success"].copy()
+    done = results[results["state"] == Status.SUCCESS.label].copy()
     primary = column(rule.primary)
     if done.empty:
         raise PhaseError("no successful experiment to rank")

@@ -25,6 +25,7 @@ from aeselect.phases.noise import (
 from aeselect.phases.promote import HEADLINE, read_decision
 from aeselect.scoring.layout import GRID_PADDING, grid_column, tile_box
 from aeselect.sweep.spec import REPEAT_SEED_KEY, REPORTS_DIR, PhaseSpec
+from aeselect.sweep.status import Status
 
 RECONSTRUCTIONS = paths.RECONSTRUCTIONS.as_posix()
 VAL_CURVES_DIR = paths.VAL_CURVES_DIR.as_posix()
@@ -157,14 +158,14 @@ def compare(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Comparison:
     results = phase.experiments
     report_dir = repo / REPORTS_DIR / spec.id
     report_dir.mkdir(parents=True, exist_ok=True)
-    done = results[results["state"] == "Success"]
+    done = results[results["state"] == Status.SUCCESS.label]
     ranking = rank(results, spec.decide, phase.per_image, phase.no_interval) if len(done) else None
     ordered = ranking.table if ranking else results
     ordered.to_csv(report_dir / "metrics.csv", index=False)
     if spec.repeats > 1:
         phase.runs.to_csv(report_dir / "runs.csv", index=False)
     if ranking is not None:
-        trained = ranking.table[ranking.table["state"] == "Success"]  # not the pruned
+        trained = ranking.table[ranking.table["state"] == Status.SUCCESS.label]  # not the pruned
         curves = val_curves(repo, trained)
         curves.to_csv(report_dir / "val_curves.csv", index=False)
         charts(trained, curves, report_dir)
@@ -248,7 +249,7 @@ def render_markdown(
             "",
         ]
     order = ", ".join(table["experiment"]) if ranking else ""
-    succeeded = phase.runs.loc[phase.runs["state"] == "Success", "experiment"]
+    succeeded = phase.runs.loc[phase.runs["state"] == Status.SUCCESS.label, "experiment"]
     lines += _figures_section(spec, order, " ".join(succeeded))
     return "\n".join(lines)
 

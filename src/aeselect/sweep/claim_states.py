@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from aeselect.sweep.status import Status
 from aeselect.sweep.tasks import TaskState
 
 DRAIN_DIR = Path(".dvc/tmp/aeselect-drain")
@@ -20,11 +21,12 @@ def claim_records(repo: Path) -> dict[str, dict[str, Any]]:
 
 
 def claim_state(record: dict[str, Any]) -> TaskState:
-    status = {"claimed": "Queued", "interrupted": "Queued"}.get(record["status"])
+    status = Status(record["status"])
     note = {
-        "pruned": f"at step {record.get('pruned_at')}",
-        "paused": f"at its rung {record.get('rung')}",
-        "excluded": f"untrained: {record.get('excluded')}",
-    }.get(record["status"], "")
-    capitalized = record["status"].capitalize()
-    return TaskState(record["name"], "", status or capitalized, record["log"], note)
+        Status.PRUNED: f"at step {record.get('pruned_at')}",
+        Status.PAUSED: f"at its rung {record.get('rung')}",
+        Status.EXCLUDED: f"untrained: {record.get('excluded')}",
+    }.get(status, "")
+    if status in (Status.CLAIMED, Status.INTERRUPTED):
+        status = Status.QUEUED
+    return TaskState(record["name"], "", status, record["log"], note)

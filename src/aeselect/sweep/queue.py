@@ -16,6 +16,7 @@ from aeselect.dvc import DvcError, exp_run_command, run_dvc
 from aeselect.git import git
 from aeselect.sweep.runs import experiment_params, load_phase_runs
 from aeselect.sweep.spec import PhaseSpec
+from aeselect.sweep.status import Status
 from aeselect.sweep.sweep_record import record_sweep
 
 # Paths whose uncommitted edits a queued experiment would silently snapshot.
@@ -51,12 +52,12 @@ def queue_phase(
     current: list[str] = []
     for phase_run in spec.runs():
         for run in view.stale(phase_run):
-            if run.task and run.task.task and run.status == "Queued" and not dry_run:
+            if run.task and run.task.task and run.status == Status.QUEUED and not dry_run:
                 run_dvc(["queue", "remove", run.name], cwd=repo)
                 echo(f"{run.name}: removed from DVC's queue (stale: queued on {run.ran_on})")
         run = view.current(phase_run)
         if run is not None and not view.wants_new_run(phase_run, retry_failed):
-            echo(f"{run.name}: already {run.status.lower()}; not queued again")
+            echo(f"{run.name}: already {run.status}; not queued again")
             current.append(run.name)
             continue
         name = view.next_name(phase_run)

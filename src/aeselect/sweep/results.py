@@ -9,6 +9,7 @@ import pandas as pd
 
 from aeselect.sweep.runs import load_phase_runs
 from aeselect.sweep.spec import PhaseSpec
+from aeselect.sweep.status import Status
 
 
 def collect_results(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> pd.DataFrame:
@@ -26,21 +27,21 @@ def collect_results(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> pd.Da
         identity = {"key": phase_run.key, "repeat": phase_run.repeat}
         if run is None:
             stale = view.stale(phase_run)
-            row = {"experiment": phase_run.name, **identity, "state": "Missing"}
+            row = {"experiment": phase_run.name, **identity, "state": Status.MISSING.label}
             if stale:
-                row |= {"state": "Stale", "stale_on": stale[-1].ran_on}
+                row |= {"state": Status.STALE.label, "stale_on": stale[-1].ran_on}
         else:
             row = {
                 "experiment": run.name,
                 **identity,
-                "state": run.status,
+                "state": run.status.label,
                 "rev": run.rev,
                 "baseline": run.baseline,
                 "timestamp": run.timestamp,
                 "note": run.task.note if run.task is not None else "",
             }
             row |= {f"params.{k}": v for k, v in (run.params or {}).items()}
-            if run.status == "Success":
+            if run.status == Status.SUCCESS:
                 row |= {k: v for k, v in run.metrics.items() if k not in row}
         rows.append(row)
     return pd.DataFrame(rows)

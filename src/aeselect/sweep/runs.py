@@ -22,6 +22,7 @@ from aeselect.sweep.claim_states import claim_records, claim_state
 from aeselect.sweep.freshness import stale_deps
 from aeselect.sweep.names import RUN_NAME, parse_run_name, run_name
 from aeselect.sweep.spec import PhaseError, PhaseRun, PhaseSpec
+from aeselect.sweep.status import Status
 from aeselect.sweep.tasks import TaskState, queue_states
 
 METRICS_FILES = tuple(p.as_posix() for p in (EVALUATE_METRICS, TRAIN_METRICS, PROBE_METRICS))
@@ -77,7 +78,7 @@ class Run:
     key: str
     repeat: int  # the PhaseRun's training seed index (0 without `repeats`)
     attempt: int  # 1 for p1-1-lc8, 2 for p1-1-lc8_2, ...
-    status: str  # Queued | Running | Success | Failed | Stuck | Paused | Pruned
+    status: Status
     task: TaskState | None  # DVC's queue entry or the drainer's claim, if either knows it
     rev: str | None = None
     baseline: str | None = None  # the commit it was queued on
@@ -112,7 +113,7 @@ class PhaseRuns:
         """The fresh attempt that speaks for a phase run: its newest success, else its newest
         attempt (queued, running, failed or stuck)."""
         fresh = [r for r in self.of(phase_run) if r.fresh]
-        done = [r for r in fresh if r.status == "Success"]
+        done = [r for r in fresh if r.status == Status.SUCCESS]
         return (done or fresh or [None])[-1]
 
     def stale(self, phase_run: PhaseRun) -> list[Run]:
@@ -121,7 +122,7 @@ class PhaseRuns:
     def wants_new_run(self, phase_run: PhaseRun, retry_failed: bool) -> bool:
         """No fresh run done or under way, or (with `retry_failed`) its fresh run failed."""
         run = self.current(phase_run)
-        return run is None or (run.status == "Failed" and retry_failed)
+        return run is None or (run.status == Status.FAILED and retry_failed)
 
     def next_name(self, phase_run: PhaseRun) -> str:
         """The attempt after the last one any record of this clone knows: runs are told apart
@@ -181,7 +182,7 @@ def load_phase_runs(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Phase
 def _pipeline_commit(run: Run) -> tuple[str | None, bool]:
     """The commit whose pipeline `run` ran (or will run), and whether DVC wrote its dvc.lock
     for the run: a finished run's experiment commit, else the commit it was queued on."""
-    if run.status == "Success" and run.rev:
+    if run.status == Status.SUCCESS and run.rev:
         return run.rev, True
     return run.baseline, False
 
@@ -228,7 +229,7 @@ def shown_runs(spec: PhaseSpec, shown: list[dict[str, Any]]) -> dict[str, Run]:
             run = Run(
                 exp["name"],
                 *parsed,
-                status="Failed" if failed else "Success",
+                status=Status.FAILED if failed else Status.SUCCESS,
                 task=None,
                 rev=rev.get("rev"),
                 baseline=entry.get("rev"),
@@ -265,7 +266,7 @@ def _known_run(
     if record is None:
         return None
     task = queued.get(name)
-    status = task.status if task and task.status != "Success" else record.status
+    status = task.status if task and task.status != Status.SUCCESS else record.status
     return replace(record, status=status, task=task)
 
 

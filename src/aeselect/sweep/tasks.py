@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aeselect.dvc import queue_tasks
+from aeselect.sweep.status import Status
 
 RUN_DIR = Path(".dvc/tmp/exps/run")
 
@@ -20,7 +21,7 @@ RUN_DIR = Path(".dvc/tmp/exps/run")
 class TaskState:
     name: str
     task: str  # DVC's short task id
-    status: str  # Queued | Running | Success | Failed | Stuck | Missing | Paused | Pruned
+    status: Status
     log: str = ""  # set for drained tasks; DVC's queue keeps its logs by task id
     note: str = ""  # a budget rung's word on a drained task: "at step 50" for a pruned one
 
@@ -34,9 +35,10 @@ class TaskState:
 def queue_states(repo: Path) -> dict[str, TaskState]:
     """Name -> state of the tasks in DVC's queue, Running tasks whose process is gone as Stuck."""
     states: dict[str, TaskState] = {}
-    for task, name, status in queue_tasks(repo):
-        if status == "Running" and not _task_alive(repo, task):
-            status = "Stuck"
+    for task, name, word in queue_tasks(repo):
+        status = Status(word.lower())  # DVC writes it capitalised
+        if status == Status.RUNNING and not _task_alive(repo, task):
+            status = Status.STUCK
         states.setdefault(name, TaskState(name, task, status))
     return states
 
