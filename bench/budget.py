@@ -23,9 +23,10 @@ import yaml
 
 from aeselect.cluster.claims import read_claims
 from aeselect.demo import DEMO_IDENTITY, SWEEP_STEPS, make_scratch_clone, run_phase
+from aeselect.git import git
 from aeselect.phases.promote import read_decision
-from aeselect.sweep.git import git
 from aeselect.sweep.spec import load_phase
+from aeselect.sweep.status import Status
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent  # budget-<modes>-slack<slack>.json
@@ -47,8 +48,13 @@ def phase_outcome(repo: Path, phase_id: str, max_steps: int) -> dict:
     decision = read_decision(phase_id, repo)
     candidates = {}
     for claim in read_claims(repo, spec).values():
-        steps = {"pruned": claim.pruned_at or 0, "excluded": 0}.get(claim.status, max_steps)
-        left = {"pruned": f"pruned at step {claim.pruned_at}", "excluded": "excluded, untrained"}
+        steps = {Status.PRUNED: claim.pruned_at or 0, Status.EXCLUDED: 0}.get(
+            claim.status, max_steps
+        )
+        left = {
+            Status.PRUNED: f"pruned at step {claim.pruned_at}",
+            Status.EXCLUDED: "excluded, untrained",
+        }
         candidates[claim.name] = {"status": claim.status, "steps": steps}
         candidates[claim.name]["left"] = left.get(claim.status, "trained to the end")
     return {
@@ -108,7 +114,7 @@ def main() -> int:
             losers = "; ".join(
                 f"{name}: {c['left']}"
                 for name, c in sorted(got["candidates"].items())
-                if c["status"] != "success"
+                if c["status"] != Status.SUCCESS
             )
             print(
                 f"| {phase_id} | {mode} | {got['steps']} | {got['wall_s']:.0f} | {got['winner']} "

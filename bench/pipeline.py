@@ -22,7 +22,7 @@ from _common import ROOT, BenchError, Result, Stats, dvc, log, make_project, run
 
 from aeselect.envvars import THREADS_ENV
 from aeselect.paths import TRAIN_METRICS
-from aeselect.sweep.experiments import queue_states
+from aeselect.sweep.tasks import queue_states
 
 LOG_ENV = "AESELECT_BENCH_LOG"
 SHIM = """#!/bin/sh

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from aeselect.sandbox import TINY, git, make_project
+from aeselect.git import git
+from aeselect.sandbox import TINY, make_project
 
 __all__ = ["GIT_IDENTITY", "ROOT", "TINY", "git", "make_project", "write_pngs"]
 

@@ -13,7 +13,7 @@ from conftest import ROOT
 
 from aeselect.cluster.drain import Drainer, is_live_descendant, signal_descendant
 from aeselect.envvars import PIDFILE_ENV
-from aeselect.sweep.experiments import DRAIN_DIR
+from aeselect.sweep.claim_states import DRAIN_DIR
 from aeselect.sweep.spec import load_phase
 
 # The train stage's side of the protocol: StopRequest writes its pid to $AESELECT_PIDFILE.

@@ -16,8 +16,8 @@ from test_phase_runs import tiny_phases, without
 from test_phases import VALID, aeselect
 
 from aeselect.dvc import open_repo, queue_tasks, run_dvc, stage_deps
-from aeselect.sweep.experiments import exp_show
 from aeselect.sweep.freshness import stale_deps
+from aeselect.sweep.runs import exp_show
 
 
 def commit_edit(project: Path, message: str, *edits: tuple[str, str, str]) -> str:

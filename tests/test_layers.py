@@ -15,7 +15,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "src" / "aeselect"
 # Lowest first. A unit is a folder of the package or a top-level module.
 LAYERS = (
-    ("config", "envvars", "paths", "dvc", "imageops"),  # foundations, standard library and yaml
+    ("config", "envvars", "paths", "dvc", "git", "imageops"),  # foundations, stdlib and yaml
     ("gpu",),  # one GPU per experiment: a lock file per device id
     ("model", "data", "runtime", "sandbox"),  # network, prepared data, hardware; project copies
     ("scoring",),  # metrics, pictures and the val-set pass that training and evaluation share

@@ -18,17 +18,12 @@ from PIL import Image
 from test_phases import CHAIN_1_2, REPEATED, VALID, aeselect, write_phase
 
 from aeselect.dvc import active_workers, queue_tasks, run_dvc
-from aeselect.sweep.experiments import (
-    DRAIN_DIR,
-    Baseline,
-    PhaseRuns,
-    Run,
-    TaskState,
-    parse_run_name,
-    queue_states,
-    run_name,
-)
+from aeselect.sweep.claim_states import DRAIN_DIR
+from aeselect.sweep.names import parse_run_name, run_name
+from aeselect.sweep.runs import Baseline, PhaseRuns, Run
 from aeselect.sweep.spec import load_phase
+from aeselect.sweep.status import Status
+from aeselect.sweep.tasks import TaskState, queue_states
 
 PREFIXED = VALID.replace("lc4: {model.latent_channels: 4}", "lc2-b: {model.latent_channels: 4}")
 
@@ -53,10 +48,10 @@ def test_with_repeats_each_training_seed_has_its_own_attempts(tmp_path):
         assert parse_run_name(spec, other) is None, other
     seed_0, seed_1 = spec.runs()[2:]
 
-    def run(name: str, status: str) -> Run:
+    def run(name: str, status: Status) -> Run:
         return Run(name, *parse_run_name(spec, name), status, None, fresh=True)
 
-    runs = [run("p1-1-lc4-s0", "Success"), run("p1-1-lc4-s1", "Failed")]
+    runs = [run("p1-1-lc4-s0", Status.SUCCESS), run("p1-1-lc4-s1", Status.FAILED)]
     view = PhaseRuns(spec, Baseline("h", {}, {}), runs, frozenset(r.name for r in runs))
     assert view.current(seed_0).name == "p1-1-lc4-s0"
     assert [r.name for r in view.of(seed_1)] == ["p1-1-lc4-s1"]
@@ -68,16 +63,16 @@ def test_the_current_run_is_the_newest_fresh_success_and_names_are_never_reused(
     write_phase(tmp_path, "1.1", VALID)
     spec = load_phase("1.1", tmp_path)
 
-    def run(name: str, status: str, fresh: bool) -> Run:
+    def run(name: str, status: Status, fresh: bool) -> Run:
         key, repeat, attempt = parse_run_name(spec, name)
         return Run(name, key, repeat, attempt, status, None, baseline="abcdef0123", fresh=fresh)
 
     runs = [
-        run("p1-1-lc2", "Success", False),  # stale: never counts, even as the only success
-        run("p1-1-lc2_2", "Failed", True),
-        run("p1-1-lc2_3", "Success", True),
-        run("p1-1-lc2_4", "Failed", True),  # a later failure does not hide the success
-        run("p1-1-lc4", "Success", False),
+        run("p1-1-lc2", Status.SUCCESS, False),  # stale: never counts, even as the only success
+        run("p1-1-lc2_2", Status.FAILED, True),
+        run("p1-1-lc2_3", Status.SUCCESS, True),
+        run("p1-1-lc2_4", Status.FAILED, True),  # a later failure does not hide the success
+        run("p1-1-lc4", Status.SUCCESS, False),
     ]
     taken = frozenset({r.name for r in runs} | {"p1-1-lc4_2"})
     view = PhaseRuns(spec, Baseline("h", {}, {}), runs, taken)
@@ -132,7 +127,7 @@ def test_queue_status_is_read_from_dvc_itself(project):
     assert printed[1].split()[:2] == [task.task, "p1-1-lc2"] and printed[1].split()[-1] == "Queued"
     assert active_workers(project) == 0  # no worker started: the task waits
     assert "Worker status: 0 active" in printed[-1]
-    assert queue_states(project) == {"p1-1-lc2": TaskState("p1-1-lc2", task.task, "Queued")}
+    assert queue_states(project) == {"p1-1-lc2": TaskState("p1-1-lc2", task.task, Status.QUEUED)}
 
 
 @pytest.mark.slow

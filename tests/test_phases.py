@@ -19,7 +19,7 @@ from aeselect.demo import decision_summary
 from aeselect.dvc import exp_run_command, run_dvc
 from aeselect.phases.decide import rank
 from aeselect.phases.promote import set_params, success_criteria
-from aeselect.sweep.experiments import experiment_params
+from aeselect.sweep.runs import experiment_params
 from aeselect.sweep.spec import Criterion, DecisionRule, PhaseError, all_phases, load_phase
 
 SHIPPED = ROOT / "phases"

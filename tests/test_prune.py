@@ -22,6 +22,7 @@ from aeselect.envvars import THREADS_ENV
 from aeselect.phases.prune import judge_rung
 from aeselect.phases.rung_book import RUNGS_DIR
 from aeselect.sweep.spec import Budget, PhaseError, load_phase
+from aeselect.sweep.status import Status
 
 WITH_BUDGET = VALID.replace("decide:", "budget: {rungs: [0.25, 0.5]}\n    decide:")
 
@@ -153,8 +154,8 @@ def test_a_run_that_finished_without_pausing_does_not_hold_up_the_rung(tmp_path)
     write_phase(tmp_path, "1.1", WITH_BUDGET)
     spec = load_phase("1.1", tmp_path)
     params = {"train.max_steps": 24, "train.log_every": 6}
-    cached = Claim("p1-1-lc2", {}, status="success", params=params)
-    paused = Claim("p1-1-lc4", {}, status="paused", params=params, rung=1)
+    cached = Claim("p1-1-lc2", {}, status=Status.SUCCESS, params=params)
+    paused = Claim("p1-1-lc4", {}, status=Status.PAUSED, params=params, rung=1)
     book = RungBook(tmp_path, spec, spec.budget)
     scores = tmp_path / RUNGS_DIR / "p1-1-lc4" / "rung_6.csv"
     scores.parent.mkdir(parents=True)

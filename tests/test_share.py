@@ -219,7 +219,8 @@ def test_a_pulled_experiment_counts_only_while_it_passes_the_baseline_check(tmp_
     pushes; the user's clone pulls it, and judges it like a local run: stale once src changes."""
     from conftest import TINY, make_project
 
-    from aeselect.sweep.experiments import collect_results, recorded_sweep
+    from aeselect.sweep.results import collect_results
+    from aeselect.sweep.sweep_record import recorded_sweep
 
     user = make_project(tmp_path / "user", TINY)
     for path in (user / "phases").glob("phase*.yaml"):

@@ -10,16 +10,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import yaml
 
 from aeselect.cluster.drain import drain
+from aeselect.git import git
 from aeselect.phases.promote import promote, read_decision, require_decided
 from aeselect.phases.report import compare, display_table
-from aeselect.sweep.experiments import git, queue_phase
+from aeselect.sweep.queue import queue_phase
 from aeselect.sweep.spec import DECISIONS_DIR, PhaseError, PhaseSpec, all_phases
 
 SCRATCH = Path("build/phase1-demo")
@@ -45,7 +45,7 @@ def make_scratch_clone(source: Path, target: Path) -> Path:
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["git", "clone", "-q", str(source), str(target)], check=True)
+    git(Path.cwd(), "clone", "-q", str(source), str(target))
     return target
 
 

@@ -9,8 +9,12 @@ import sys
 from pathlib import Path
 
 from aeselect.config import apply_overrides, from_dict, parse_assignment
-from aeselect.sweep.experiments import dirty_paths, load_phase_runs, queue_phase, recorded_sweep
+from aeselect.git import GitError
+from aeselect.sweep.queue import dirty_paths, queue_phase
+from aeselect.sweep.runs import load_phase_runs
 from aeselect.sweep.spec import PhaseError, PhaseSpec, all_phases, load_phase
+from aeselect.sweep.status import Status
+from aeselect.sweep.sweep_record import recorded_sweep
 
 
 def _note(message: str) -> None:
@@ -92,10 +96,10 @@ def print_outcome(repo: Path, spec: PhaseSpec) -> int:
     unfinished = []
     for phase_run in spec.runs():
         run = view.current(phase_run)
-        status = run.status.lower() if run else "missing"
+        status = run.status if run else Status.MISSING
         note = f" {run.task.note}" if run and run.task and run.task.note else ""
         print(f"{run.name if run else phase_run.name}: {status}{note}")
-        if status not in ("success", "pruned", "excluded"):
+        if status not in (Status.SUCCESS, Status.PRUNED, Status.EXCLUDED):
             unfinished.append(run.name if run else phase_run.name)
     if unfinished:
         _note(
@@ -124,18 +128,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             if not run.fresh:
                 print(f"{run.name:28s} stale (ran on {run.ran_on}): {run.stale_why}")
                 continue
-            line = f"{run.name:28s} {run.status.lower()}"
+            line = f"{run.name:28s} {run.status}"
             if run.task is not None and run.task.note:
                 line += f" {run.task.note}"
             if run is not current:
                 line += f", superseded by {current.name}"
-            elif run.status in ("Failed", "Stuck"):
+            elif run.status in (Status.FAILED, Status.STUCK):
                 bad += 1
-            if run.status in ("Failed", "Stuck"):
+            if run.status in (Status.FAILED, Status.STUCK):
                 log = run.task.log_path(repo) if run.task else None
                 shown = log.relative_to(repo) if log and log.is_relative_to(repo) else log
                 line += f"  log: {shown or '(none)'}"  # a shared job's is in its own clone
-            if run is current and run.status == "Stuck":
+            if run is current and run.status == Status.STUCK:
                 line += "  (its worker is gone: `dvc queue kill`/`remove` it and queue again)"
             if run.name in where:
                 line += f"  {where[run.name]}"
@@ -355,6 +359,6 @@ def add_set(parser: argparse.ArgumentParser) -> None:
 def _guard(func, args: argparse.Namespace) -> int:
     try:
         return func(args)
-    except PhaseError as err:
+    except (PhaseError, GitError) as err:
         print(f"aeselect phase: {err}", file=sys.stderr)
         return 2

@@ -7,13 +7,13 @@ It copies from the source checkout this module lies in (src/aeselect/ of the pro
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from aeselect.config import apply_overrides, read_yaml
+from aeselect.git import git
 
 ROOT = Path(__file__).resolve().parents[2]
 # What a clone of the project holds that its pipeline needs (no tests, no venv).
@@ -45,12 +45,6 @@ TINY = {
     "evaluate.batch_size": 8,
     "evaluate.num_sample_images": 2,
 }
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=repo, check=True, text=True, capture_output=True
-    ).stdout
 
 
 def make_project(directory: Path, params: dict[str, Any] | None = None) -> Path:

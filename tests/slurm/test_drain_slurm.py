@@ -23,8 +23,10 @@ from conftest import ROOT, TINY, git, make_project
 
 from aeselect.cluster.share import stamp
 from aeselect.cluster.slurm import load_profile, sbatch_command, submit
-from aeselect.sweep.experiments import collect_results, exp_show, recorded_sweep
+from aeselect.sweep.results import collect_results
+from aeselect.sweep.runs import exp_show
 from aeselect.sweep.spec import PhaseError, PhaseSpec, load_phase
+from aeselect.sweep.sweep_record import recorded_sweep
 
 PHASE = """\
 id: "1.1"

@@ -12,16 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from aeselect.dvc import run_dvc
-from aeselect.sweep.experiments import (
-    DRAIN_DIR,
-    canonical_params,
-    claim_records,
-    load_phase_runs,
-    parse_run_name,
-    queue_states,
-    recorded_sweep,
-)
+from aeselect.sweep.claim_states import DRAIN_DIR, claim_records
+from aeselect.sweep.names import parse_run_name
+from aeselect.sweep.runs import canonical_params, load_phase_runs
 from aeselect.sweep.spec import PhaseSpec
+from aeselect.sweep.status import Status
+from aeselect.sweep.sweep_record import recorded_sweep
+from aeselect.sweep.tasks import queue_states
 
 
 @dataclass
@@ -30,8 +27,7 @@ class Claim:
 
     name: str
     overrides: dict[str, Any]
-    # claimed | running | success | failed | interrupted | paused | pruned | excluded
-    status: str = "claimed"
+    status: Status = Status.CLAIMED
     log: str = ""
     jobs: list[str] = field(default_factory=list)
     returncode: int | None = None
@@ -81,7 +77,7 @@ def claim_queued(repo: Path, spec: PhaseSpec, claims: dict[str, Claim]) -> set[s
     fresh = {run.name: run for run in view.runs if run.fresh}
     in_dvc = queue_states(repo)  # only tasks still there have a task id to remove
     for name, run in fresh.items():
-        if name not in in_dvc or in_dvc[name].status != "Queued":
+        if name not in in_dvc or in_dvc[name].status != Status.QUEUED:
             continue
         if name not in claims:
             overrides = {k: v for k, v in run.params.items() if head_params.get(k) != v}

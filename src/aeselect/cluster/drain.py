@@ -45,8 +45,10 @@ from aeselect.envvars import (
 )
 from aeselect.paths import HPC_LOG_DIR as LOG_DIR
 from aeselect.phases.decide import requirement_failures
-from aeselect.sweep.experiments import DRAIN_DIR, parse_run_name
+from aeselect.sweep.claim_states import DRAIN_DIR
+from aeselect.sweep.names import parse_run_name
 from aeselect.sweep.spec import PhaseSpec
+from aeselect.sweep.status import Status
 
 ANOTHER_DRAINER_EXIT_CODE = 3
 POLL_SECONDS = 0.5
@@ -194,7 +196,7 @@ class Drainer:
                 # Ignored signals survive exec: the drainer forwards USR1 to the training alone.
                 preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN),
             )
-        claim.status, claim.log = "running", str(log.relative_to(self.repo))
+        claim.status, claim.log = Status.RUNNING, str(log.relative_to(self.repo))
         claim.jobs.append(self.job_id)
         claim.save(self.repo)
         gpus = ",".join(self.gpus_of.get(claim.name, [])) or "none"
@@ -204,14 +206,14 @@ class Drainer:
         self.free_gpus += self.gpus_of.pop(claim.name, [])
         claim.returncode = returncode
         if returncode != 0 and self.rungs is not None and self.rungs.reached_rung(claim):
-            claim.status, claim.rung = "paused", claim.rung + 1
+            claim.status, claim.rung = Status.PAUSED, claim.rung + 1
             self.paused.append(claim.name)
         elif returncode == 0:
-            claim.status = "success"
+            claim.status = Status.SUCCESS
         elif self.stop_signal is not None:
-            claim.status = "interrupted"
+            claim.status = Status.INTERRUPTED
         else:
-            claim.status = "failed"
+            claim.status = Status.FAILED
         claim.save(self.repo)
         print(f"[drain] {claim.name}: {claim.status} (exit {returncode})", file=sys.stderr)
 
@@ -222,7 +224,7 @@ class Drainer:
         mine = [c for c in self.claims.values() if c.name in fresh and not c.plan]
         mine.sort(key=self.position)  # the claims are read in name order; start in the file's
         self.todo = [c for c in mine if c.status in UNFINISHED and not self.excluded(c)]
-        self.paused = [c.name for c in mine if c.status == "paused"]
+        self.paused = [c.name for c in mine if c.status == Status.PAUSED]
 
     def position(self, claim: Claim) -> tuple[int, int, int]:
         """Where the claim's run stands in the phase file (then seed, then attempt): a phase
@@ -238,7 +240,7 @@ class Drainer:
         failures = requirement_failures(self.spec.decide, claim.params)
         if not failures:
             return False
-        claim.status, claim.excluded = "excluded", "; ".join(why for why, _ in failures)
+        claim.status, claim.excluded = Status.EXCLUDED, "; ".join(why for why, _ in failures)
         claim.save(self.repo)
         print(f"[drain] {claim.name}: excluded, untrained: {claim.excluded}", file=sys.stderr)
         return True
@@ -262,7 +264,7 @@ class Drainer:
         for standing in standings:
             verdict = "pruned" if standing.pruned else "goes on"
             print(f"[drain] rung: {standing.describe()}: {verdict}", file=sys.stderr)
-        self.paused = [n for n in self.paused if self.claims[n].status == "paused"]
+        self.paused = [n for n in self.paused if self.claims[n].status == Status.PAUSED]
         return bool(standings)
 
     def run(self) -> int:
@@ -281,7 +283,7 @@ class Drainer:
                 if process.poll() is not None:
                     del self.running[name]
                     self.finish(self.claims[name], process.returncode)
-                    more = more or self.claims[name].status == "paused"
+                    more = more or self.claims[name].status == Status.PAUSED
             if self.stop_signal is None and self.judge_rung():
                 more = True  # its survivors may resume
             if self.stop_signal is not None and not self.running:
@@ -293,9 +295,9 @@ class Drainer:
 
     def report(self) -> int:
         for claim in self.claims.values():
-            if claim.status == "pruned" and claim.jobs and claim.jobs[-1] == self.job_id:
+            if claim.status == Status.PRUNED and claim.jobs and claim.jobs[-1] == self.job_id:
                 print(f"[drain] {claim.name}: pruned at step {claim.pruned_at}", file=sys.stderr)
-        failed = [c for c in self.claims.values() if c.status == "failed"]
+        failed = [c for c in self.claims.values() if c.status == Status.FAILED]
         for claim in failed:
             print(f"[drain] FAILED {claim.name}: see {claim.log}", file=sys.stderr)
         return 1 if failed else 0
@@ -317,7 +319,7 @@ class SharedDrainer(Drainer):
         self.claims = read_claims(self.repo, self.spec)  # a requeued job's, from its first run
         set_default_remote(self.repo, self.plan.dvc_remote, self.plan.dvc_url)
 
-    def record(self, claim: Claim, status: str, *, pushed: bool = False) -> None:
+    def record(self, claim: Claim, status: Status, *, pushed: bool = False) -> None:
         log = str(self.repo / claim.log) if claim.log else ""
         self.shared.update(claim.name, self.me.now(status=status, pushed=pushed, log=log))
 
@@ -344,7 +346,7 @@ class SharedDrainer(Drainer):
             if not mine or holder.status not in UNFINISHED or name in self.offered:
                 continue
             ended = self.claims.get(name)
-            if ended is not None and ended.status in ("success", "failed"):
+            if ended is not None and ended.status in (Status.SUCCESS, Status.FAILED):
                 # It ended before the job was stopped, the shared claim not told yet: tell it.
                 self.offered.add(name)
                 self.finish(ended, ended.returncode or 0)
@@ -361,14 +363,14 @@ class SharedDrainer(Drainer):
 
     def start(self, claim: Claim) -> None:
         super().start(claim)
-        self.record(claim, "running")
+        self.record(claim, Status.RUNNING)
 
     def finish(self, claim: Claim, returncode: int) -> None:
         super().finish(claim, returncode)
-        if claim.status != "success":
+        if claim.status != Status.SUCCESS:
             self.record(claim, claim.status)
             return
-        self.record(claim, "success", pushed=self.push(claim))
+        self.record(claim, Status.SUCCESS, pushed=self.push(claim))
 
     def push(self, claim: Claim) -> bool:
         """`dvc exp push` the finished experiment to the plan's remotes; False if it failed."""
@@ -384,10 +386,10 @@ class SharedDrainer(Drainer):
 
     def report(self) -> int:
         """Failed like a lone drainer's, and a success that is not home yet fails the job too."""
-        unpushed = [c for c in self.claims.values() if c.status == "success" and not c.pushed]
+        unpushed = [c for c in self.claims.values() if c.status == Status.SUCCESS and not c.pushed]
         for claim in unpushed:
             if self.push(claim):
-                self.record(claim, "success", pushed=True)
+                self.record(claim, Status.SUCCESS, pushed=True)
             else:
                 print(f"[drain] NOT PUSHED {claim.name}: `dvc exp push`", file=sys.stderr)
         failed = super().report()

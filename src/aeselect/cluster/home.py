@@ -28,8 +28,11 @@ from aeselect.cluster.share import (
     share_out,
 )
 from aeselect.dvc import DvcError, default_remote, exp_pull, remote_url
-from aeselect.sweep.experiments import load_phase_runs, parse_run_name
+from aeselect.git import GitError
+from aeselect.sweep.names import parse_run_name
+from aeselect.sweep.runs import load_phase_runs
 from aeselect.sweep.spec import PhaseError, PhaseSpec
+from aeselect.sweep.status import Status
 
 GIT_REMOTE = "origin"
 # squeue's states of a job that will not run again (a requeued job is PENDING meanwhile).
@@ -46,15 +49,14 @@ def _absolute(url: str, base: Path) -> str:
 def remotes(repo: Path) -> tuple[str, str, str]:
     """(Git remote URL, default DVC remote name, its URL); a missing one is an error that
     names the command that sets it up."""
-    got = subprocess.run(
-        ["git", "remote", "get-url", GIT_REMOTE], cwd=repo, text=True, capture_output=True
-    )
-    if got.returncode != 0:
+    try:
+        url = git(repo, "remote", "get-url", GIT_REMOTE)
+    except GitError:
         raise PhaseError(
             f"no Git remote {GIT_REMOTE!r} in {repo}: the jobs clone the queued commit from it "
             f"and push their experiments there. Set it up: `git remote add {GIT_REMOTE} <url>` "
             "(e.g. a bare repository on shared storage: `git init --bare /shared/aeselect.git`)"
-        )
+        ) from None
     dvc_remote = default_remote(repo)
     if dvc_remote is None:
         raise PhaseError(
@@ -62,7 +64,7 @@ def remotes(repo: Path) -> tuple[str, str, str]:
             "Set it up: `dvc remote add -d store /shared/dvc-store` (or s3://..., ssh://...) and "
             "commit .dvc/config"
         )
-    git_url = _absolute(got.stdout.strip(), repo)
+    git_url = _absolute(url.strip(), repo)
     return git_url, dvc_remote, _absolute(remote_url(repo, dvc_remote), repo / ".dvc")
 
 
@@ -74,7 +76,7 @@ def make_plan(repo: Path, spec: PhaseSpec, weights: dict[str, int]) -> Plan:
     claim_queued(repo, spec, claims)
     order = {(run.key, run.repeat): i for i, run in enumerate(spec.runs())}
     planned = sorted(
-        (c for c in claims.values() if c.status == "claimed" and not c.plan),
+        (c for c in claims.values() if c.status == Status.CLAIMED and not c.plan),
         key=lambda c: order[parse_run_name(spec, c.name)[:2]],  # the phase file's order
     )
     if not planned:
@@ -120,7 +122,12 @@ def preview_plan(
         run = view.current(phase_run)
         if view.wants_new_run(phase_run, retry_failed):
             names.append(view.next_name(phase_run))
-        elif run is not None and run.status == "Queued" and run.task is not None and run.task.task:
+        elif (
+            run is not None
+            and run.status == Status.QUEUED
+            and run.task is not None
+            and run.task.task
+        ):
             names.append(run.name)  # in DVC's queue, not taken by a drainer or a plan yet
     return new_plan(repo, spec, view.baseline.commit, {name: {} for name in names}, weights)
 
@@ -166,7 +173,7 @@ def follow(repo: Path, spec: PhaseSpec) -> list[Plan]:
             status = record.status
             log = record.log
             if status in UNFINISHED and job_ended(record):
-                status = "failed"  # its job is gone: reported, and retried by the next submit
+                status = Status.FAILED  # its job is gone: reported, and retried by the next submit
                 log = f"{record.log} (job {record.job} ended without finishing it)"
             mirrored = dataclasses.replace(
                 claim,
@@ -203,7 +210,7 @@ def bring_home(repo: Path, spec: PhaseSpec, echo=print) -> list[str]:
         claims[name]
         for plan in plans
         for name in plan.experiments
-        if name in claims and claims[name].status == "success" and name not in here
+        if name in claims and claims[name].status == Status.SUCCESS and name not in here
     ]
     stranded = [c for c in done if not c.pushed]
     if stranded:

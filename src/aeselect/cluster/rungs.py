@@ -28,11 +28,12 @@ from aeselect.envvars import RESUME_DIR_ENV, RUNG_DIR_ENV, RUNGS_ENV
 from aeselect.paths import PER_IMAGE_PAIRING_KEY, RESUME_DIR
 from aeselect.phases.prune import judge_rung
 from aeselect.phases.rung_book import RUNGS_DIR, Standing, rung_book_path
-from aeselect.sweep.experiments import parse_run_name
+from aeselect.sweep.names import parse_run_name
 from aeselect.sweep.spec import Budget, PhaseError, PhaseSpec
+from aeselect.sweep.status import Status
 
 # Claims that take part in a rung: those still training toward the end, or there already.
-ENDED = ("failed", "pruned", "excluded")
+ENDED = (Status.FAILED, Status.PRUNED, Status.EXCLUDED)
 
 
 class RungBook:
@@ -85,21 +86,21 @@ class RungBook:
 
     def runnable(self, claim: Claim) -> bool:
         """A paused run may resume once its rung is judged and it was not pruned there."""
-        return claim.status == "paused" and (claim.rung - 1) in self.judged
+        return claim.status == Status.PAUSED and (claim.rung - 1) in self.judged
 
     def judge_ready(self, claims: list[Claim]) -> list[Standing]:
         """Judge the next rung if every live run has paused there (or finished); returns its
         standings, empty when no rung is ready. Pruned claims are marked and saved."""
         live = [c for c in claims if c.status not in ENDED]  # pruned earlier or failed: out
-        training = [c for c in live if c.status != "success"]
+        training = [c for c in live if c.status != Status.SUCCESS]
         rung = min((c.rung for c in training), default=0) - 1
         if rung < 0 or rung in self.judged:
             return []
-        if any(c.status != "paused" for c in training):
+        if any(c.status != Status.PAUSED for c in training):
             return []
         # A finished run takes part with the scores it paused with; one that never paused there
         # (served whole by DVC's run cache: 1.2's ds3 is 1.1's winner) has none and stands aside.
-        live = training + [c for c in live if c.status == "success" and c.rung > rung]
+        live = training + [c for c in live if c.status == Status.SUCCESS and c.rung > rung]
         by_key: dict[str, list[Claim]] = {}
         for claim in live:
             by_key.setdefault(parse_run_name(self.spec, claim.name)[0], []).append(claim)
@@ -128,8 +129,8 @@ class RungBook:
         pruned = {s.experiment: s.step for s in standings if s.pruned}
         for key, seeds in by_key.items():
             for claim in seeds:
-                if key in pruned and claim.status == "paused":
-                    claim.status, claim.pruned_at = "pruned", pruned[key]
+                if key in pruned and claim.status == Status.PAUSED:
+                    claim.status, claim.pruned_at = Status.PRUNED, pruned[key]
                     claim.save(self.repo)
         return standings
 
@@ -138,7 +139,7 @@ def unprune(repo: Path, spec: PhaseSpec, names: list[str]) -> None:
     """Let pruned runs train to the end from their rung snapshots, never pruned again (the next
     drain of the phase resumes them)."""
     claims = read_claims(repo, spec)
-    pruned = sorted(name for name, claim in claims.items() if claim.status == "pruned")
+    pruned = sorted(name for name, claim in claims.items() if claim.status == Status.PRUNED)
     for name in names:
         if name not in pruned:
             raise PhaseError(
@@ -147,5 +148,5 @@ def unprune(repo: Path, spec: PhaseSpec, names: list[str]) -> None:
             )
     for name in names:
         claim = claims[name]
-        claim.status, claim.unpruned, claim.pruned_at = "paused", True, None
+        claim.status, claim.unpruned, claim.pruned_at = Status.PAUSED, True, None
         claim.save(repo)

@@ -25,13 +25,14 @@ import datetime as dt
 import json
 import os
 import socket
-import subprocess
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from aeselect.sweep.experiments import git as sweep_git
+from aeselect.git import GitError
+from aeselect.git import git as plain_git
 from aeselect.sweep.spec import PhaseError
+from aeselect.sweep.status import Status
 
 PLAN_REFS = "refs/aeselect/plans"
 CLAIM_REFS = "refs/aeselect/claims"
@@ -43,13 +44,13 @@ CLAIM_IDENTITY = {
     "GIT_COMMITTER_NAME": "aeselect",
     "GIT_COMMITTER_EMAIL": "aeselect@localhost",
 }
-UNFINISHED = ("claimed", "running", "interrupted")
+UNFINISHED = (Status.CLAIMED, Status.RUNNING, Status.INTERRUPTED)
 CAS_TRIES = 3  # a push that lost a ref lock to a racing push that then failed itself: retry
 
 
 def git(repo: Path, *args: str, input: str | None = None, check: bool = True) -> str:
     """Git as the claims' own identity (plan and claim commits name no user)."""
-    return sweep_git(repo, *args, input=input, check=check, env=os.environ | CLAIM_IDENTITY)
+    return plain_git(repo, *args, input=input, check=check, env=os.environ | CLAIM_IDENTITY)
 
 
 def share_out(names: list[str], weights: dict[str, int]) -> dict[str, list[str]]:
@@ -131,7 +132,7 @@ class ClaimRecord:
     cluster: str
     profile: str
     node: str
-    status: str  # claimed | running | interrupted | success | failed
+    status: Status  # claimed, running, interrupted, success or failed
     pushed: bool = False  # the result is on the remotes (`dvc exp push`)
     log: str = ""  # the experiment's log in the job's clone, on its node's storage
     at: str = field(default_factory=lambda: stamp())
@@ -182,24 +183,22 @@ class SharedClaims:
         commit = git(self.repo, "commit-tree", self.empty_tree, *parents, "-m", message).strip()
         ref = self.ref(name)
         lease = f"--force-with-lease={ref}:{previous or ''}"
+        target = f"{commit}:{ref}"
+        said = ""
         for _ in range(CAS_TRIES):
-            pushed = subprocess.run(
-                ["git", "push", "--porcelain", lease, self.plan.git_remote, f"{commit}:{ref}"],
-                cwd=self.repo,
-                text=True,
-                capture_output=True,
-            )
+            try:
+                plain_git(self.repo, "push", "--porcelain", lease, self.plan.git_remote, target)
+                pushed = True
+            except GitError as err:
+                pushed, said = False, err.output
             # Rejected by the lease, or the ref locked by a racing push: the remote says which.
             now = git(self.repo, "ls-remote", self.plan.git_remote, ref).split()
-            if pushed.returncode == 0 or now[:1] == [commit]:
+            if pushed or now[:1] == [commit]:
                 git(self.repo, "update-ref", ref, commit)
                 return True
             if now[:1] != ([previous] if previous else []):
                 return False  # someone else's claim, or someone else's update
-        raise PhaseError(
-            f"claiming {name} on Git remote {self.plan.git_remote!r} failed: "
-            f"{(pushed.stderr or pushed.stdout).strip()}"
-        )
+        raise PhaseError(f"claiming {name} on Git remote {self.plan.git_remote!r} failed: {said}")
 
     def take(self, name: str, record: ClaimRecord) -> bool:
         """Claim an unclaimed experiment; False when another job holds it."""
@@ -222,5 +221,5 @@ def job_identity(profile: str) -> ClaimRecord:
         cluster=os.environ.get("SLURM_CLUSTER_NAME", ""),
         profile=profile,
         node=socket.gethostname(),
-        status="claimed",
+        status=Status.CLAIMED,
     )

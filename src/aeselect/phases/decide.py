@@ -14,6 +14,7 @@ import pandas as pd
 from aeselect.config import apply_overrides, from_dict
 from aeselect.phases.noise import paired_bootstrap
 from aeselect.sweep.spec import PARAMS_METRICS, Criterion, DecisionRule, PhaseError
+from aeselect.sweep.status import Status
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ VERDICTS = {
     "single": "the only successful experiment: nothing to compare",
     "excluded": "every candidate fails a requirement: nothing may be promoted but by --pick",
 }
-LEFT_EARLY = ("Pruned", "Excluded")  # budget-aware sweeps: pruned at a rung, or never trained
+# Budget-aware sweeps: pruned at a rung, or never trained.
+LEFT_EARLY = (Status.PRUNED.label, Status.EXCLUDED.label)
 NO_INTERVAL = "no per-image values were given, so no interval exists"
 
 
@@ -124,7 +126,7 @@ def rank(
     zero: then it is noise, not a ranking. Each `secondary` metric (per val image, laid out
     like `per_image`) gets its difference from its lowest candidate, with its interval.
     """
-    done = results[results["state"] == "Success"].copy()
+    done = results[results["state"] == Status.SUCCESS.label].copy()
     primary = column(rule.primary)
     if done.empty:
         raise PhaseError("no successful experiment to rank")
@@ -134,10 +136,7 @@ def rank(
     failures = {i: requirement_failures(rule, row_params(row), row) for i, row in done.iterrows()}
     done["excluded"] = [("; ".join(w for w, _ in failures[i])) for i in done.index]
     done["shortfall"] = [max((s for _, s in failures[i]), default=0.0) for i in done.index]
-    pruned = results[results["state"].isin(LEFT_EARLY)].copy()  # out before the end
-    if len(pruned):
-        pruned["excluded"] = pruned.get("left", pd.Series("", index=pruned.index))
-        pruned["vs_best"] = pruned["state"].str.lower()  # pruned, or excluded (untrained)
+    pruned = _left_early(results)
     if (done["excluded"] != "").all():
         ranking = _all_excluded(done, pruned, rule)
         return replace(ranking, table=secondary_differences(ranking.table, secondary or {}))
@@ -146,10 +145,7 @@ def rank(
     values = done[primary].astype(float)
     best_index = values.idxmin() if rule.primary.direction == "min" else values.idxmax()
     best, best_name = values[best_index], str(done.loc[best_index, "experiment"])
-    if rule.primary.direction == "min":
-        within_tolerance = values <= best * (1 + rule.tolerance)
-    else:
-        within_tolerance = values >= best * (1 - rule.tolerance)
+    within_tolerance = _within_tolerance(values, best, rule)
     done["delta"], done["delta_low"], done["delta_high"] = values - best, math.nan, math.nan
     noise = pd.Series(False, index=done.index)
     if per_image is not None:
@@ -171,6 +167,21 @@ def rank(
         table = _with_excluded(table, excluded, pruned, best, per_image, best_name, primary)
     table = secondary_differences(table, secondary or {})
     return Ranking(table, str(table.loc[0, "experiment"]), reason, verdict, best_name)
+
+
+def _within_tolerance(values: pd.Series, best: float, rule: DecisionRule) -> pd.Series:
+    if rule.primary.direction == "min":
+        return values <= best * (1 + rule.tolerance)
+    return values >= best * (1 - rule.tolerance)
+
+
+def _left_early(results: pd.DataFrame) -> pd.DataFrame:
+    """The candidates out of a budget-aware sweep before the end, saying where they left."""
+    pruned = results[results["state"].isin(LEFT_EARLY)].copy()
+    if len(pruned):
+        pruned["excluded"] = pruned.get("left", pd.Series("", index=pruned.index))
+        pruned["vs_best"] = pruned["state"].str.lower()  # pruned, or excluded (untrained)
+    return pruned
 
 
 def secondary_differences(table: pd.DataFrame, secondary: dict[str, pd.DataFrame]) -> pd.DataFrame:

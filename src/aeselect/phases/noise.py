@@ -22,8 +22,9 @@ from aeselect.dvc import read_output
 from aeselect.paths import PER_IMAGE_CSV, PROBE_PER_IMAGE_CSV
 from aeselect.paths import PER_IMAGE_PAIRING_KEY as PAIRING_KEY
 from aeselect.phases.rung_book import pruned_standings
-from aeselect.sweep.experiments import collect_results
+from aeselect.sweep.results import collect_results
 from aeselect.sweep.spec import PhaseSpec
+from aeselect.sweep.status import Status
 
 PER_IMAGE_FILE = PER_IMAGE_CSV.as_posix()
 PROBE_PER_IMAGE_FILE = PROBE_PER_IMAGE_CSV.as_posix()
@@ -127,7 +128,7 @@ def mean_over_seeds(runs: pd.DataFrame, spec: PhaseSpec, primary: str) -> pd.Dat
         row = group.iloc[0].drop("repeat").to_dict()
         if spec.repeats > 1:
             row["experiment"] = spec.experiment_name(str(key))
-        unfinished = group[group["state"] != "Success"]
+        unfinished = group[group["state"] != Status.SUCCESS.label]
         if len(unfinished):
             first = unfinished.iloc[0]
             rows.append(row | {c: first[c] for c in ("state", "stale_on") if c in first})
@@ -155,7 +156,7 @@ def per_image_values(
     """`metric` of every successful experiment per val image (evaluate's CSV, or the probe's for
     a probe metric), one column per (experiment, seed); or None and the reason no interval
     exists."""
-    done = experiments.loc[experiments["state"] == "Success", "key"]
+    done = experiments.loc[experiments["state"] == Status.SUCCESS.label, "key"]
     if done.empty:
         return None, "no experiment succeeded, so no interval exists"
     source = PROBE_PER_IMAGE_FILE if metric.startswith("probe.") else PER_IMAGE_FILE
@@ -187,10 +188,10 @@ def _why_left(repo: Path, spec: PhaseSpec, experiments: pd.DataFrame) -> list[st
     reasons = []
     for _, row in experiments.iterrows():
         key, state = row["key"], row["state"]
-        if state == "Pruned" and key in pruned:
+        if state == Status.PRUNED.label and key in pruned:
             standing = pruned[key]
             reasons.append(f"pruned at step {standing.step}: {metric} {standing.evidence()}")
-        elif state == "Excluded":
+        elif state == Status.EXCLUDED.label:
             reasons.append(str(row.get("note", "")))
         else:
             reasons.append("")

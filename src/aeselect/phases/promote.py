@@ -16,6 +16,7 @@ from ruamel.yaml import YAML
 
 from aeselect.config import PARAMS_FILE, EvaluateConfig, apply_overrides, from_dict, read_yaml
 from aeselect.evaluation.gates import gate_bounds
+from aeselect.git import git
 from aeselect.paths import EXPORT_PATH
 from aeselect.phases.decide import LEFT_EARLY, Ranking, column, rank
 from aeselect.phases.noise import (
@@ -27,8 +28,10 @@ from aeselect.phases.noise import (
     gather,
     seed_spread_column,
 )
-from aeselect.sweep.experiments import dirty_paths, git, parse_run_name
+from aeselect.sweep.names import parse_run_name
+from aeselect.sweep.queue import dirty_paths
 from aeselect.sweep.spec import DECISIONS_DIR, PhaseError, PhaseSpec, all_phases
+from aeselect.sweep.status import Status
 
 # Columns every decision file and report shows, beside the rule's own.
 HEADLINE = [
@@ -109,9 +112,9 @@ def _listing(results: pd.DataFrame) -> dict[str, str]:
     """Each run (`collect_results` rows) that has no successful fresh attempt, with what it has
     instead."""
     listing = {}
-    for _, row in results[~results["state"].isin(("Success", *LEFT_EARLY))].iterrows():
+    for _, row in results[~results["state"].isin((Status.SUCCESS.label, *LEFT_EARLY))].iterrows():
         state = row["state"].lower()
-        if row["state"] == "Stale":
+        if row["state"] == Status.STALE.label:
             state = f"stale: ran on {row['stale_on']}"
         listing[row["experiment"]] = state
     return listing
@@ -154,7 +157,9 @@ def _picked(spec: PhaseSpec, phase: PhaseResults, pick: str) -> pd.Series:
         raise PhaseError(f"--pick {pick}: not an experiment of phase {spec.id} ({names})")
     row = phase.experiments.set_index("key").loc[key]
     own = phase.runs[phase.runs["key"] == key]
-    if row["state"] != "Success" or (pick not in bases and pick not in set(own["experiment"])):
+    if row["state"] != Status.SUCCESS.label or (
+        pick not in bases and pick not in set(own["experiment"])
+    ):
         current = ", ".join(own["experiment"])
         state = ", ".join(f"{n}: {s}" for n, s in _listing(own).items())
         raise PhaseError(

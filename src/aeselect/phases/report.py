@@ -33,6 +33,7 @@ from aeselect.phases.noise import (
 from aeselect.phases.promote import HEADLINE, read_decision
 from aeselect.scoring.layout import GRID_PADDING, grid_column, tile_box
 from aeselect.sweep.spec import REPEAT_SEED_KEY, REPORTS_DIR, PhaseSpec
+from aeselect.sweep.status import Status
 
 RECONSTRUCTIONS = paths.RECONSTRUCTIONS.as_posix()
 PROBE_SAMPLES = paths.PROBE_SAMPLES.as_posix()
@@ -196,7 +197,7 @@ def compare(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Comparison:
     results = phase.experiments
     report_dir = repo / REPORTS_DIR / spec.id
     report_dir.mkdir(parents=True, exist_ok=True)
-    done = results[results["state"] == "Success"]
+    done = results[results["state"] == Status.SUCCESS.label]
     ranking = (
         rank(results, spec.decide, phase.per_image, phase.no_interval, phase.secondary)
         if len(done)
@@ -207,7 +208,7 @@ def compare(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Comparison:
     if spec.repeats > 1:
         phase.runs.to_csv(report_dir / "runs.csv", index=False)
     if ranking is not None:
-        trained = ranking.table[ranking.table["state"] == "Success"]  # not the pruned
+        trained = ranking.table[ranking.table["state"] == Status.SUCCESS.label]  # not the pruned
         curves = val_curves(repo, trained)
         curves.to_csv(report_dir / "val_curves.csv", index=False)
         charts(trained, curves, report_dir)
@@ -300,9 +301,9 @@ def render_markdown(
             + f" (commit message: phase {spec.id}).",
             "",
         ]
-    trained = table[table["state"] == "Success"]  # the ones with images: not the pruned
+    trained = table[table["state"] == Status.SUCCESS.label]  # with images: not the pruned
     order = ", ".join(trained["experiment"]) if ranking else ""
-    succeeded = phase.runs.loc[phase.runs["state"] == "Success", "experiment"]
+    succeeded = phase.runs.loc[phase.runs["state"] == Status.SUCCESS.label, "experiment"]
     lines += _figures_section(spec, order, " ".join(succeeded))
     return "\n".join(lines)
 

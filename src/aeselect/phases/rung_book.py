@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from aeselect.sweep.experiments import DRAIN_DIR
+from aeselect.sweep.claim_states import DRAIN_DIR
 from aeselect.sweep.spec import PhaseSpec
 
 RUNGS_DIR = DRAIN_DIR / "rungs"  # the rung book and each run's rung scores (cluster.rungs)

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from aeselect.dvc import stage_deps
-from aeselect.sweep.git import GitObject, read_objects
+from aeselect.git import GitObject, read_objects
 from aeselect.sweep.spec import PhaseError
 
 PIPELINE_FILE = "dvc.yaml"

@@ -1,69 +1,31 @@
-"""A phase's experiments in DVC: queue them, read their states, collect their results.
+"""A phase's runs in DVC, judged against today's baseline.
 
 A phase run (`spec.runs()`: an experiment, or with `repeats` an experiment under one training
-seed) may have several attempts (`p1-1-lc8`, `p1-1-lc8_2`, ...). An attempt counts only
-while it is *fresh*: the params it recorded equal params.yaml at HEAD plus its experiment's set
-plus the sweep's --set, and every stage's definition and deps are HEAD's (`sweep.freshness`).
-Every other run is stale.
-
-Facts designed around (dvc 3.67.1): `dvc queue status` has no JSON; `dvc exp show` lists a failed
-experiment with an error and no metrics; concurrent `dvc exp run --queue` calls fail now and then
-with `Unable to acquire lock`; a worker killed with SIGKILL leaves its task "Running" forever.
+seed) may have several attempts (`sweep.names`). An attempt counts only while it is *fresh*: the
+params it recorded equal params.yaml at HEAD plus its experiment's set plus the sweep's --set,
+and every stage's definition and deps are HEAD's (`sweep.freshness`). Every other run is stale.
+`dvc exp show` lists a failed experiment with an error and no metrics (dvc 3.67.1).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import shlex
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from aeselect.config import PARAMS_FILE, ConfigError, apply_overrides, flatten, from_dict
-from aeselect.dvc import DvcError, exp_run_command, experiment_baselines, queue_tasks, run_dvc
 from aeselect.dvc import exp_show as dvc_exp_show
+from aeselect.dvc import experiment_baselines
+from aeselect.git import git
 from aeselect.paths import EVALUATE_METRICS, PROBE_METRICS, TRAIN_METRICS
+from aeselect.sweep.claim_states import claim_records, claim_state
 from aeselect.sweep.freshness import stale_deps
-from aeselect.sweep.git import git
+from aeselect.sweep.names import RUN_NAME, parse_run_name, run_name
 from aeselect.sweep.spec import PhaseError, PhaseRun, PhaseSpec
+from aeselect.sweep.status import Status
+from aeselect.sweep.tasks import TaskState, queue_states
 
-RUN_DIR = Path(".dvc/tmp/exps/run")
-DRAIN_DIR = Path(".dvc/tmp/aeselect-drain")  # the drainer's claims (aeselect.cluster.claims)
-SWEEPS_DIR = Path(".dvc/tmp/aeselect-sweeps")  # each phase's sweep --set, written by queue
-# p1-1-lc8_2 is lc8's second run; experiment keys never contain "_" (spec.EXPERIMENT_KEY).
-ATTEMPT_SEPARATOR = "_"
-RUN_NAME = re.compile(r"^p[0-9]+-[0-9]+-[a-z0-9][a-z0-9-]*(_[0-9]+)?$")
 METRICS_FILES = tuple(p.as_posix() for p in (EVALUATE_METRICS, TRAIN_METRICS, PROBE_METRICS))
-# Paths whose uncommitted edits a queued experiment would silently snapshot.
-SNAPSHOT_PATHS = ("params.yaml", "dvc.yaml", "src")
-LOCK_RETRIES = 5
-
-
-@dataclass(frozen=True)
-class TaskState:
-    name: str
-    task: str  # DVC's short task id
-    status: str  # Queued | Running | Success | Failed | Stuck | Missing | Paused | Pruned
-    log: str = ""  # set for drained tasks; DVC's queue keeps its logs by task id
-    note: str = ""  # a budget rung's word on a drained task: "at step 50" for a pruned one
-
-    def log_path(self, repo: Path) -> Path | None:
-        if self.log:
-            return repo / self.log
-        matches = sorted((repo / RUN_DIR).glob(f"{self.task}*/{self.task}*.out"))
-        return matches[0] if matches else None
-
-
-def dirty_paths(repo: Path, paths: tuple[str, ...] = SNAPSHOT_PATHS) -> list[str]:
-    """Tracked edits and untracked files under `paths` (a queued run snapshots or drops them)."""
-    out = git(repo, "status", "--porcelain", "--untracked-files=all", "--", *paths)
-    return [line[3:] for line in out.splitlines() if line.strip()]
 
 
 def experiment_params(spec: PhaseSpec, run: PhaseRun, extra: dict[str, Any]) -> dict[str, Any]:
@@ -76,79 +38,6 @@ def experiment_params(spec: PhaseSpec, run: PhaseRun, extra: dict[str, Any]) -> 
             f"({spec.path}: its experiment {run.key!r} or `repeats`); drop it from --set"
         )
     return {**run.params, **extra}
-
-
-def queue_states(repo: Path) -> dict[str, TaskState]:
-    """Name -> state of the tasks in DVC's queue, Running tasks whose process is gone as Stuck."""
-    states: dict[str, TaskState] = {}
-    for task, name, status in queue_tasks(repo):
-        if status == "Running" and not _task_alive(repo, task):
-            status = "Stuck"
-        states.setdefault(name, TaskState(name, task, status))
-    return states
-
-
-def claim_records(repo: Path) -> dict[str, dict[str, Any]]:
-    """The drainer's claims (aeselect.cluster.drain) by experiment name, as written."""
-    return {
-        record["name"]: record
-        for record in (json.loads(p.read_text()) for p in sorted((repo / DRAIN_DIR).glob("*.json")))
-    }
-
-
-def claim_state(record: dict[str, Any]) -> TaskState:
-    status = {"claimed": "Queued", "interrupted": "Queued"}.get(record["status"])
-    note = {
-        "pruned": f"at step {record.get('pruned_at')}",
-        "paused": f"at its rung {record.get('rung')}",
-        "excluded": f"untrained: {record.get('excluded')}",
-    }.get(record["status"], "")
-    capitalized = record["status"].capitalize()
-    return TaskState(record["name"], "", status or capitalized, record["log"], note)
-
-
-def task_states(repo: Path) -> dict[str, TaskState]:
-    """Claims, then DVC's queue: a claimed task has left DVC's queue, so a task DVC lists under
-    a claimed name was queued after the claim (names are never reused: `PhaseRuns.next_name`)."""
-    states = {name: claim_state(r) for name, r in claim_records(repo).items()}
-    return states | queue_states(repo)
-
-
-def _task_alive(repo: Path, task: str) -> bool:
-    """A Running task whose recorded pid is gone was killed (SIGKILL) and will never finish."""
-    infos = sorted((repo / RUN_DIR).glob(f"{task}*/{task}*.json"))
-    if not infos:
-        return True  # not started by the executor yet
-    pid = json.loads(infos[0].read_text()).get("pid")
-    if pid is None:
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# ---- a phase's runs against today's baseline ------------------------------------------------
-
-
-def sweep_path(repo: Path, spec: PhaseSpec) -> Path:
-    return repo / SWEEPS_DIR / f"{spec.id}.json"
-
-
-def record_sweep(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> None:
-    """Remember the sweep's --set: compare, promote and later queues read it back."""
-    path = sweep_path(repo, spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"set": sweep}, indent=1))
-
-
-def recorded_sweep(repo: Path, spec: PhaseSpec) -> dict[str, Any]:
-    """The --set of the phase's last `phase queue` in this clone ({} if never queued here)."""
-    path = sweep_path(repo, spec)
-    return json.loads(path.read_text())["set"] if path.exists() else {}
 
 
 def canonical_params(tree: dict[str, Any]) -> dict[str, Any] | None:
@@ -189,7 +78,7 @@ class Run:
     key: str
     repeat: int  # the PhaseRun's training seed index (0 without `repeats`)
     attempt: int  # 1 for p1-1-lc8, 2 for p1-1-lc8_2, ...
-    status: str  # Queued | Running | Success | Failed | Stuck | Paused | Pruned
+    status: Status
     task: TaskState | None  # DVC's queue entry or the drainer's claim, if either knows it
     rev: str | None = None
     baseline: str | None = None  # the commit it was queued on
@@ -202,24 +91,6 @@ class Run:
     @property
     def ran_on(self) -> str:
         return (self.baseline or "unknown commit")[:7]
-
-
-def parse_run_name(spec: PhaseSpec, name: str) -> tuple[str, int, int] | None:
-    """(experiment key, repeat, attempt) of one of the phase's run names (`p1-1-lc8_2`, with
-    `repeats` `p1-1-lc8-s1_2`), None for any other name."""
-    base, separator, attempt = name.partition(ATTEMPT_SEPARATOR)
-    run = {run.name: run for run in spec.runs()}.get(base)
-    if run is None:
-        return None
-    if not separator:
-        return run.key, run.repeat, 1
-    if not attempt.isdigit() or int(attempt) < 2:
-        return None
-    return run.key, run.repeat, int(attempt)
-
-
-def run_name(run: PhaseRun, attempt: int) -> str:
-    return run.name if attempt == 1 else f"{run.name}{ATTEMPT_SEPARATOR}{attempt}"
 
 
 @dataclass(frozen=True)
@@ -242,7 +113,7 @@ class PhaseRuns:
         """The fresh attempt that speaks for a phase run: its newest success, else its newest
         attempt (queued, running, failed or stuck)."""
         fresh = [r for r in self.of(phase_run) if r.fresh]
-        done = [r for r in fresh if r.status == "Success"]
+        done = [r for r in fresh if r.status == Status.SUCCESS]
         return (done or fresh or [None])[-1]
 
     def stale(self, phase_run: PhaseRun) -> list[Run]:
@@ -251,7 +122,7 @@ class PhaseRuns:
     def wants_new_run(self, phase_run: PhaseRun, retry_failed: bool) -> bool:
         """No fresh run done or under way, or (with `retry_failed`) its fresh run failed."""
         run = self.current(phase_run)
-        return run is None or (run.status == "Failed" and retry_failed)
+        return run is None or (run.status == Status.FAILED and retry_failed)
 
     def next_name(self, phase_run: PhaseRun) -> str:
         """The attempt after the last one any record of this clone knows: runs are told apart
@@ -311,7 +182,7 @@ def load_phase_runs(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> Phase
 def _pipeline_commit(run: Run) -> tuple[str | None, bool]:
     """The commit whose pipeline `run` ran (or will run), and whether DVC wrote its dvc.lock
     for the run: a finished run's experiment commit, else the commit it was queued on."""
-    if run.status == "Success" and run.rev:
+    if run.status == Status.SUCCESS and run.rev:
         return run.rev, True
     return run.baseline, False
 
@@ -358,7 +229,7 @@ def shown_runs(spec: PhaseSpec, shown: list[dict[str, Any]]) -> dict[str, Run]:
             run = Run(
                 exp["name"],
                 *parsed,
-                status="Failed" if failed else "Success",
+                status=Status.FAILED if failed else Status.SUCCESS,
                 task=None,
                 rev=rev.get("rev"),
                 baseline=entry.get("rev"),
@@ -395,67 +266,8 @@ def _known_run(
     if record is None:
         return None
     task = queued.get(name)
-    status = task.status if task and task.status != "Success" else record.status
+    status = task.status if task and task.status != Status.SUCCESS else record.status
     return replace(record, status=status, task=task)
-
-
-def queue_phase(
-    repo: Path,
-    spec: PhaseSpec,
-    sweep: dict[str, Any],
-    *,
-    retry_failed: bool = True,
-    dry_run: bool = False,
-    echo: Callable[[str], None] = print,
-) -> list[str]:
-    """Queue a run for each experiment that has no fresh run done or under way (and, with
-    `retry_failed`, for each whose fresh run failed); returns the runs that now speak for the
-    phase, queued here or before.
-
-    Stale runs never count: their still-queued tasks are removed from DVC's queue (they could
-    never be used), and a fresh run is queued under a new name.
-    """
-    view = load_phase_runs(repo, spec, sweep)  # validates every experiment before any is queued
-    if not dry_run:
-        record_sweep(repo, spec, sweep)
-    current: list[str] = []
-    for phase_run in spec.runs():
-        for run in view.stale(phase_run):
-            if run.task and run.task.task and run.status == "Queued" and not dry_run:
-                run_dvc(["queue", "remove", run.name], cwd=repo)
-                echo(f"{run.name}: removed from DVC's queue (stale: queued on {run.ran_on})")
-        run = view.current(phase_run)
-        if run is not None and not view.wants_new_run(phase_run, retry_failed):
-            echo(f"{run.name}: already {run.status.lower()}; not queued again")
-            current.append(run.name)
-            continue
-        name = view.next_name(phase_run)
-        args = exp_run_command(name, experiment_params(spec, phase_run, sweep), queue=True)
-        if dry_run:
-            echo(shlex.join(["dvc", *args]))
-            continue
-        _run_with_lock_retry(repo, args)
-        stale = view.stale(phase_run)
-        if run is not None:
-            why = f" (again: {run.name} failed)"
-        elif stale:
-            why = f" ({stale[-1].name} is stale: it ran on {stale[-1].ran_on})"
-        else:
-            why = ""
-        echo(f"{name}: queued{why}")
-        current.append(name)
-    return current
-
-
-def _run_with_lock_retry(repo: Path, args: list[str]) -> None:
-    for attempt in range(LOCK_RETRIES):
-        try:
-            run_dvc(args, cwd=repo)
-            return
-        except DvcError as err:
-            if "Unable to acquire lock" not in str(err) or attempt == LOCK_RETRIES - 1:
-                raise
-            time.sleep(1 + attempt)
 
 
 def exp_show(repo: Path) -> list[dict[str, Any]]:
@@ -464,38 +276,3 @@ def exp_show(repo: Path) -> list[dict[str, Any]]:
     the whole history: a phase command takes the same time at 10 or 10,000 commits."""
     head = git(repo, "rev-parse", "HEAD").strip()
     return dvc_exp_show(repo, [head, *sorted(experiment_baselines(repo) - {head})])
-
-
-def collect_results(repo: Path, spec: PhaseSpec, sweep: dict[str, Any]) -> pd.DataFrame:
-    """One row per run of the phase (`spec.runs()`: `key`, `repeat`), from the fresh attempt
-    that speaks for it: state, run name, rev, baseline, canonical params and flattened metrics.
-
-    Failed runs keep their row (state Failed) without metrics, never the baseline's; a run
-    whose attempts are all stale is Stale (`stale_on`: the commit its newest ran on), one with
-    no attempt at all Missing.
-    """
-    view = load_phase_runs(repo, spec, sweep)
-    rows = []
-    for phase_run in spec.runs():
-        run = view.current(phase_run)
-        identity = {"key": phase_run.key, "repeat": phase_run.repeat}
-        if run is None:
-            stale = view.stale(phase_run)
-            row = {"experiment": phase_run.name, **identity, "state": "Missing"}
-            if stale:
-                row |= {"state": "Stale", "stale_on": stale[-1].ran_on}
-        else:
-            row = {
-                "experiment": run.name,
-                **identity,
-                "state": run.status,
-                "rev": run.rev,
-                "baseline": run.baseline,
-                "timestamp": run.timestamp,
-                "note": run.task.note if run.task is not None else "",
-            }
-            row |= {f"params.{k}": v for k, v in (run.params or {}).items()}
-            if run.status == "Success":
-                row |= {k: v for k, v in run.metrics.items() if k not in row}
-        rows.append(row)
-    return pd.DataFrame(rows)

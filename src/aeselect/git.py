@@ -1,4 +1,4 @@
-"""Git, as the sweep layer reads it: one command, and many commits' files in one process."""
+"""Git: one command, and many commits' files in one process; the one place that runs `git`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
-from aeselect.sweep.spec import PhaseError
+
+class GitError(RuntimeError):
+    """A git command failed; the message carries the command and git's stderr, `output` what
+    git said (its stderr, else its stdout)."""
+
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
 
 
 def git(
@@ -16,12 +23,15 @@ def git(
     check: bool = True,
     env: dict[str, str] | None = None,
 ) -> str:
-    """`git ARGS` in `repo`, its stdout; a failure (with `check`) is a PhaseError with git's."""
+    """`git ARGS` in `repo`, its stdout; a failure (with `check`) is a GitError with git's."""
     result = subprocess.run(
         ["git", *args], cwd=repo, text=True, capture_output=True, input=input, env=env
     )
     if check and result.returncode != 0:
-        raise PhaseError(f"`git {' '.join(args)}` failed in {repo}: {result.stderr.strip()}")
+        raise GitError(
+            f"`git {' '.join(args)}` failed in {repo}: {result.stderr.strip()}",
+            (result.stderr or result.stdout).strip(),
+        )
     return result.stdout
 
 
@@ -35,7 +45,7 @@ def read_objects(repo: Path, names: list[str]) -> dict[str, GitObject | None]:
     exist; all of them from one `git cat-file --batch`, however many commits they span."""
     unique = list(dict.fromkeys(names))
     if any("\n" in name for name in unique):
-        raise PhaseError(f"a Git object name holds a newline: {unique!r}")
+        raise GitError(f"a Git object name holds a newline: {unique!r}")
     result = subprocess.run(
         ["git", "cat-file", "--batch"],
         cwd=repo,
@@ -43,7 +53,7 @@ def read_objects(repo: Path, names: list[str]) -> dict[str, GitObject | None]:
         capture_output=True,
     )
     if result.returncode != 0:
-        raise PhaseError(f"`git cat-file --batch` failed in {repo}: {result.stderr.decode()}")
+        raise GitError(f"`git cat-file --batch` failed in {repo}: {result.stderr.decode()}")
     out, found, at = result.stdout, {}, 0
     for name in unique:
         end = out.index(b"\n", at)
