@@ -3,6 +3,8 @@ and the bound), every candidate excluded means no winner, and the phase file is 
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 from conftest import ROOT, TINY, git, make_project
@@ -183,7 +185,11 @@ def test_on_real_runs_exclusion_refusal_and_a_recorded_override(tmp_path):
     # Both Pareto views, the excluded candidate marked; the probe's samples, one row each.
     report = project / "phases/reports/1.1"
     for view in ("pareto", "tradeoff"):
-        assert '"p1-1-lc4 (excluded)"' in (report / f"{view}.vl.json").read_text()
+        chart = (report / f"{view}.vl.json").read_text()
+        assert '"p1-1-lc4 (excluded)"' in chart
+        # Vega-Lite reads a dot in a field name as a nested field: the chart would plot nothing.
+        fields = [json.loads(chart)["encoding"][axis]["field"] for axis in ("x", "y")]
+        assert not any("." in field for field in fields), fields
     row = TINY["data.image_size"] + 2 * GRID_PADDING  # one make_grid row of decoded samples
     assert Image.open(report / "probe_samples.png").height == 2 * row
     assert "![reconstruction vs diffusability](tradeoff.png)" in (report / "report.md").read_text()

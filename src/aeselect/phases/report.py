@@ -138,7 +138,7 @@ def charts(table: pd.DataFrame, curves: pd.DataFrame, report_dir: Path) -> None:
         ("latent.elements_per_image", "latent elements per image", "psnr", "PSNR dB", "pareto"),
         (
             "probe.loss",
-            "probe.loss (easier to diffuse: left)",
+            "probe loss (easier to diffuse: left)",
             "psnr_pooled",
             "psnr_pooled dB",
             "tradeoff",
