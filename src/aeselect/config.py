@@ -30,6 +30,10 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _check_group_norm_width(value: int, key: str) -> None:
+    _check(value % 8 == 0, key, f"must be a multiple of 8 (GroupNorm groups), got {value}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: Literal["synthetic", "folder"] = "synthetic"
@@ -90,11 +94,7 @@ class ModelConfig:
         for key in ("base_channels", "latent_channels", "aux_hidden_channels"):
             value = getattr(self, key)
             _check(value >= 1, f"model.{key}", f"must be >= 1, got {value}")
-        _check(
-            self.base_channels % 8 == 0,
-            "model.base_channels",
-            f"must be a multiple of 8 (GroupNorm groups), got {self.base_channels}",
-        )
+        _check_group_norm_width(self.base_channels, "model.base_channels")
         _check(
             1 <= self.downsampling_steps <= 6,
             "model.downsampling_steps",
@@ -242,11 +242,7 @@ class ProbeConfig:
         ):
             value = getattr(self, key)
             _check(value >= 1, f"probe.{key}", f"must be >= 1, got {value}")
-        _check(
-            self.width % 8 == 0,
-            "probe.width",
-            f"must be a multiple of 8 (GroupNorm groups), got {self.width}",
-        )
+        _check_group_norm_width(self.width, "probe.width")
         _check(
             self.steps >= 0,
             "probe.steps",

@@ -46,7 +46,7 @@ from aeselect.envvars import (
 from aeselect.paths import HPC_LOG_DIR as LOG_DIR
 from aeselect.phases.decide import requirement_failures
 from aeselect.sweep.claim_states import DRAIN_DIR
-from aeselect.sweep.names import parse_run_name
+from aeselect.sweep.names import file_order
 from aeselect.sweep.spec import PhaseSpec
 from aeselect.sweep.status import Status
 
@@ -222,15 +222,10 @@ class Drainer:
         self.claims = read_claims(self.repo, self.spec)
         fresh = claim_queued(self.repo, self.spec, self.claims)
         mine = [c for c in self.claims.values() if c.name in fresh and not c.plan]
-        mine.sort(key=self.position)  # the claims are read in name order; start in the file's
+        # The claims are read in name order; start them in the phase file's.
+        mine.sort(key=lambda claim: file_order(self.spec, claim.name))
         self.todo = [c for c in mine if c.status in UNFINISHED and not self.excluded(c)]
         self.paused = [c.name for c in mine if c.status == Status.PAUSED]
-
-    def position(self, claim: Claim) -> tuple[int, int, int]:
-        """Where the claim's run stands in the phase file (then seed, then attempt): a phase
-        lists its slowest experiment first so that it trains beside the others, not alone."""
-        key, repeat, attempt = parse_run_name(self.spec, claim.name)  # read_claims: all parse
-        return list(self.spec.experiments).index(key), repeat, attempt
 
     def excluded(self, claim: Claim) -> bool:
         """With a budget, a run whose params alone fail a requirement (the latent size) is left

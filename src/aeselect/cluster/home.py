@@ -29,7 +29,7 @@ from aeselect.cluster.share import (
 )
 from aeselect.dvc import DvcError, default_remote, exp_pull, remote_url
 from aeselect.git import GitError
-from aeselect.sweep.names import parse_run_name
+from aeselect.sweep.names import file_order
 from aeselect.sweep.runs import load_phase_runs
 from aeselect.sweep.spec import PhaseError, PhaseSpec
 from aeselect.sweep.status import Status
@@ -74,10 +74,9 @@ def make_plan(repo: Path, spec: PhaseSpec, weights: dict[str, int]) -> Plan:
     experiment as planned in this clone."""
     claims = read_claims(repo, spec)
     claim_queued(repo, spec, claims)
-    order = {(run.key, run.repeat): i for i, run in enumerate(spec.runs())}
     planned = sorted(
         (c for c in claims.values() if c.status == Status.CLAIMED and not c.plan),
-        key=lambda c: order[parse_run_name(spec, c.name)[:2]],  # the phase file's order
+        key=lambda c: file_order(spec, c.name),
     )
     if not planned:
         raise PhaseError(f"phase {spec.id}: nothing left to run (see `aeselect phase status`)")

@@ -25,5 +25,14 @@ def parse_run_name(spec: PhaseSpec, name: str) -> tuple[str, int, int] | None:
     return run.key, run.repeat, int(attempt)
 
 
+def file_order(spec: PhaseSpec, name: str) -> tuple[int, int]:
+    """Where one of the phase's run names stands in the phase file (experiment, then seed),
+    then its attempt: a phase lists its slowest experiment first so it trains beside the
+    others, not alone at the end."""
+    key, repeat, attempt = parse_run_name(spec, name)
+    runs = [(run.key, run.repeat) for run in spec.runs()]
+    return runs.index((key, repeat)), attempt
+
+
 def run_name(run: PhaseRun, attempt: int) -> str:
     return run.name if attempt == 1 else f"{run.name}{ATTEMPT_SEPARATOR}{attempt}"
