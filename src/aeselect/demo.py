@@ -75,6 +75,21 @@ def decision_summary(decision: dict) -> str:
     return f"{decision['phase']} {decision['winner']} ({decision['verdict']}){against}"
 
 
+class StepClock:
+    """Wall seconds of a phase's steps, in order: where a phase's time goes."""
+
+    def __init__(self) -> None:
+        self.mark = time.monotonic()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, step: str) -> None:
+        now = time.monotonic()
+        self.laps[step], self.mark = now - self.mark, now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{step} {seconds:.0f}" for step, seconds in self.laps.items())
+
+
 def run_demo(args: argparse.Namespace) -> int:
     source = Path(args.repo).resolve()
     if git(source, "status", "--porcelain", "--untracked-files=no").strip():
@@ -99,16 +114,21 @@ def run_phase(repo: Path, spec: PhaseSpec, jobs: int, sweep_steps: int) -> float
     require_decided(spec, repo)
     sets_steps = any("train.max_steps" in p for p in spec.experiments.values())
     extra = {} if sets_steps else sweep_schedule(sweep_steps)
+    steps = StepClock()
     queue_phase(repo, spec, extra)
+    steps.lap("queue")
     if drain(repo, spec, jobs) != 0:
         raise PhaseError(f"phase {spec.id}: an experiment failed; its log is under hpc/logs/")
+    steps.lap("drain")
     comparison = compare(repo, spec, extra)
+    steps.lap("compare")
     table = comparison.ranking.table
     print(display_table(spec, table).to_string(index=False))
     decision = promote(repo, spec, extra, gathered=comparison.phase)
+    steps.lap("promote")
     elapsed = time.monotonic() - phase_start
     trained = float(table.loc[table["state"] == "Success", "train_time_s"].sum())
-    print(f"-> {decision['commit_message']}  [{elapsed:.0f} s]")
+    print(f"-> {decision['commit_message']}  [{elapsed:.0f} s: {steps}]")
     print(
         f"   efficiency: {trained:.0f} s of training / ({elapsed:.0f} s wall x {jobs} jobs) "
         f"= {trained / (elapsed * jobs):.0%}"
