@@ -1,9 +1,8 @@
 """Where a sweep's wall time goes: each experiment's slot, stage by stage, and the efficiency.
 
 Clones this repository's HEAD, runs `aeselect phase run PHASE -j JOBS` there exactly as a user
-would (the drainer, one `dvc exp run --temp` per experiment) with a `python` shim first on PATH
-that times every stage process, named by DVC's DVC_EXP_NAME (bench/pipeline.py's StageLog);
-it prints per experiment:
+would (the drainer, one `dvc exp run --temp` per experiment), and reads each experiment's log,
+where every stage process prints its own wall time (aeselect.stages). It prints per experiment:
 
 - slot: from the drainer's "started" to its "success" line (its `dvc exp run --temp`);
 - each stage process's wall (prepare, train, evaluate, probe), and in the train stage the
@@ -28,44 +27,49 @@ import time
 from pathlib import Path
 
 from _common import ROOT, run_cmd, tool_env
-from pipeline import StageLog
 
 STAGES = ("prepare", "train", "evaluate", "probe")
-DRAIN_LINE = re.compile(r"^\[drain\] (\S+): (started|success|failed)")
+DRAIN_LINE = re.compile(r"^\[drain\] (\S+): (started|success|failed)(?:.*, log (\S+))?")
+STAGE_LINE = re.compile(r"^\[(\w+)\] stage process: ([\d.]+) s$", re.M)
+TRAIN_LINE = re.compile(r"^\[train\] (\{.*\})$", re.M)
 
 
-def run_phase(repo: Path, phase: str, jobs: int, stage_log: StageLog) -> tuple[dict, float]:
-    """Each experiment's (start, end) from the drainer's lines, and the drain's wall time."""
+def run_phase(repo: Path, phase: str, jobs: int) -> tuple[dict, float]:
+    """Each experiment's slot (start, end, log) from the drainer's lines, and the drain's wall."""
     command = [sys.executable, "-m", "aeselect", "phase", "run", phase, "-j", str(jobs)]
     began = time.time()
-    process = subprocess.Popen(
-        command, cwd=repo, env=stage_log.env(), stderr=subprocess.PIPE, text=True
-    )
-    slots: dict[str, dict[str, float]] = {}
+    process = subprocess.Popen(command, cwd=repo, env=tool_env(), stderr=subprocess.PIPE, text=True)
+    slots: dict[str, dict] = {}
     for line in process.stderr:
         sys.stderr.write(line)
         if match := DRAIN_LINE.match(line):
-            name, event = match.groups()
-            slots.setdefault(name, {})["start" if event == "started" else "end"] = time.time()
+            name, event, log = match.groups()
+            slot = slots.setdefault(name, {})
+            if event == "started":
+                slot.update(start=time.time(), log=repo / log)
+            else:
+                slot["end"] = time.time()
     if process.wait() != 0:
         raise SystemExit(f"`{' '.join(command)}` failed in {repo} (exit {process.returncode})")
     return slots, time.time() - began
 
 
-def breakdown(slots: dict, info: dict) -> list[dict]:
-    rows = {name: {"experiment": name, "slot": s["end"] - s["start"]} for name, s in slots.items()}
-    for stage in info["stages"]:
-        if stage["experiment"] not in rows:
-            raise SystemExit(f"a {stage['stage']} process of no drained experiment: {stage}")
-        row = rows[stage["experiment"]]
-        row[stage["stage"]] = row.get(stage["stage"], 0.0) + stage["seconds"]
-        if stage["stage"] == "train":
-            row["pid"] = stage["pid"]
-    by_pid = {str(m["pid"]): m for m in info["train_metrics"]}
-    for row in rows.values():
-        row["train_time_s"] = float(by_pid[row.pop("pid")]["train_time_s"])
+def breakdown(slots: dict) -> list[dict]:
+    """Per experiment: its slot, each stage's wall (`[stage] stage process: s`, printed by
+    aeselect.stages), the training loop's train_time_s and DVC's share (the rest of the slot)."""
+    rows = []
+    for name, slot in sorted(slots.items(), key=lambda item: item[1]["start"]):
+        text = slot["log"].read_text()
+        row = {"experiment": name, "slot": slot["end"] - slot["start"]}
+        for stage, seconds in STAGE_LINE.findall(text):
+            row[stage] = row.get(stage, 0.0) + float(seconds)
+        trained = TRAIN_LINE.findall(text)
+        if "train" not in row or not trained:
+            raise SystemExit(f"{name}: no timed train stage in {slot['log']}")
+        row["train_time_s"] = float(json.loads(trained[-1])["train_time_s"])
         row["dvc"] = row["slot"] - sum(row.get(stage, 0.0) for stage in STAGES)
-    return sorted(rows.values(), key=lambda row: slots[row["experiment"]]["start"])
+        rows.append(row)
+    return rows
 
 
 def print_table(rows: list[dict], wall: float, jobs: int) -> dict:
@@ -100,9 +104,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         repo = Path(args.keep or scratch) / "repo"
         run_cmd(["git", "clone", "-q", str(ROOT), str(repo)], ROOT, timeout=300, env=tool_env())
-        stage_log = StageLog(Path(args.keep or scratch) / "stage_log")
-        slots, wall = run_phase(repo, args.phase, args.jobs, stage_log)
-        rows = breakdown(slots, stage_log.read())
+        slots, wall = run_phase(repo, args.phase, args.jobs)
+        rows = breakdown(slots)
         summary = print_table(rows, wall, args.jobs)
     print(json.dumps({"rows": rows, **summary}, indent=1), file=sys.stderr)
     return 0

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from aeselect.config import PARAMS_FILE, Config, ConfigError, load_config
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
+    started = time.monotonic()
     try:
         cfg = load_config(args.params)  # validated once, before any rank starts
         if args.stage == "train":
@@ -131,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"aeselect: config error: {err}", file=sys.stderr)
         return 2
+    finally:
+        # Where an experiment's time goes, in its log (bench/slots.py reads it): the stage's
+        # wall, imports included. A torchrun launcher speaks for its ranks.
+        if "LOCAL_RANK" not in os.environ:
+            elapsed = time.monotonic() - started
+            print(f"[{args.stage}] stage process: {elapsed:.2f} s", file=sys.stderr)
     return 0
 
 
