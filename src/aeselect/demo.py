@@ -24,8 +24,8 @@ from aeselect.sweep.spec import DECISIONS_DIR, PhaseError, PhaseSpec, all_phases
 
 SCRATCH = Path("build/phase1-demo")
 # Chosen by measurement (README, "The demo's numbers"): with the block-PCA shortcut every sweep
-# model is near its latent's linear bound by then, and `make run`, set-up included, stays within
-# 15 minutes on a 2-core CPU with the final's 1200 steps (measured: 13 min 19 s).
+# model is near its latent's linear bound by then. `make run`, set-up included, took 13 min 19 s
+# on a 2-core CPU with the final's 1200 steps, and 16 min 47 s once the probe stage was added.
 SWEEP_STEPS = 200
 VAL_POINTS = 10  # points on each sweep's val curve
 DEMO_IDENTITY = {
