@@ -34,7 +34,7 @@ end=$(date +%s.%N)
 case "$*" in
   *"-m aeselect"*)
     stage=$3
-    echo "$start $end $rc $stage ${{{threads}:-}} $$ ${{DVC_EXP_NAME:-}}" >> "${log}"
+    echo "$start $end $rc $stage ${{{threads}:-}} $$" >> "${log}"
     if [ "$stage" = train ] && [ -f {metrics} ]; then
       cp {metrics} "${log}.train.$$.json"
     fi;;
@@ -73,7 +73,7 @@ class StageLog:
     def read(self) -> dict[str, Any]:
         stages = []
         for line in self.path.read_text().splitlines():
-            start, end, rc, stage, threads, pid, experiment = (line.split(" ") + [""] * 7)[:7]
+            start, end, rc, stage, threads, pid = (line.split(" ") + [""] * 6)[:6]
             stages.append(
                 {
                     "stage": stage,
@@ -82,7 +82,6 @@ class StageLog:
                     "rc": int(rc),
                     "threads": threads,
                     "pid": pid,
-                    "experiment": experiment,  # DVC_EXP_NAME: set for a named `dvc exp run`
                 }
             )
         metrics = [
